@@ -1,0 +1,153 @@
+"""The small interface every protocol's flasher implements, and the types it reports with.
+
+Modelled on esptool's loaders: a flasher owns one open transport, identifies the chip, writes,
+verifies by reading back, and leaves the bootloader. It reports :class:`Progress` through a
+callback and checks a cancel flag between blocks (never inside one). It knows nothing of
+OctoPrint and starts no threads.
+"""
+
+from __future__ import annotations
+
+import abc
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+from .errors import CancelledError
+from .firmware import FirmwareImage
+
+# Stage names shared by flashers, the job and the front ends.
+STAGE_ENTERING = "entering_bootloader"
+STAGE_ERASING = "erasing"
+STAGE_WRITING = "writing"
+STAGE_VERIFYING = "verifying"
+STAGE_READING = "reading"
+STAGE_LEAVING = "leaving_bootloader"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Bytes done of total within one stage."""
+
+    stage: str
+    done: int
+    total: int
+
+
+ProgressCallback = Callable[[Progress], None]
+LogCallback = Callable[[str], None]
+
+
+def no_progress(_progress: Progress) -> None:
+    """Progress sink for callers that do not display progress."""
+
+
+def no_log(_line: str) -> None:
+    """Log sink for callers that do not keep a log."""
+
+
+class CancelToken:
+    """A thread-safe cancel flag; flashers call :meth:`check` between blocks."""
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        if self._event.is_set():
+            raise CancelledError(
+                "Flash cancelled.",
+                cause="You pressed Cancel.",
+                hint="The board stays in its bootloader; flash again to finish.",
+            )
+
+
+@dataclass
+class TargetInfo:
+    """What a bootloader told us about the board, in protocol-neutral terms.
+
+    ``app_start``/``app_end`` bound the region the application may occupy (end exclusive):
+    everything outside it belongs to a bootloader or does not exist.
+    """
+
+    method: str
+    chip: str
+    flash_start: int
+    flash_size: int
+    app_start: int
+    app_end: int
+    page_size: int
+    bootloader: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return (
+            f"{self.chip} via {self.bootloader or self.method}: application area "
+            f"0x{self.app_start:08X}-0x{self.app_end - 1:08X}"
+        )
+
+
+@dataclass
+class FlashResult:
+    """What a completed flash did; only produced after a successful read-back verify."""
+
+    bytes_written: int
+    bytes_verified: int
+    blocks_written: int
+    blocks_skipped: int = 0
+    seconds: float = 0.0
+
+
+class Flasher(abc.ABC):
+    """One protocol's whole-flash algorithm over an already-opened transport."""
+
+    #: method name used on the CLI, in settings and in history ("stk500v1", "dfu", ...)
+    method: str = ""
+    #: whether :meth:`read` is implemented for this protocol
+    can_read: bool = True
+
+    def __init__(self, log: Optional[LogCallback] = None) -> None:
+        self.log: LogCallback = log or no_log
+
+    @abc.abstractmethod
+    def identify(self) -> TargetInfo:
+        """Enter the bootloader if needed, talk to it and describe the chip."""
+
+    def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
+        """Protocol-specific checks beyond :mod:`preflight`; raise PreflightError, return warnings."""
+        return []
+
+    @abc.abstractmethod
+    def flash(
+        self,
+        image: FirmwareImage,
+        progress: ProgressCallback = no_progress,
+        cancel: Optional[CancelToken] = None,
+        quick: bool = False,
+    ) -> FlashResult:
+        """Erase as needed, write and verify by reading back. ``quick`` skips identical blocks."""
+
+    @abc.abstractmethod
+    def read(
+        self, progress: ProgressCallback = no_progress, cancel: Optional[CancelToken] = None
+    ) -> FirmwareImage:
+        """Read the application area back (a backup)."""
+
+    @abc.abstractmethod
+    def leave(self) -> None:
+        """Leave the bootloader and start the application."""
+
+    def close(self) -> None:
+        """Release the transport. Safe to call twice."""
+
+    def __enter__(self) -> Flasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,1 @@
+"""One module per protocol: the whole-flash algorithm (identify, write, verify, leave)."""

@@ -1,0 +1,1 @@
+"""Byte-level wire protocols over a transport the caller opens. No OctoPrint, no threads."""
