@@ -30,6 +30,9 @@ class FirmwareImage:
 
     ``sha256`` is the hash of the uploaded file as the user has it (so it matches
     ``sha256sum`` on their machine); ``kind`` is ``hex``, ``bin`` or ``dfu``.
+    ``address_given`` is False for a raw ``.bin`` loaded without a base address: its single
+    segment sits at 0 as a placeholder and a flasher must place it (:meth:`placed_at`) at the
+    board's application start, because a .bin does not say where it belongs.
     """
 
     segments: list[Segment]
@@ -37,6 +40,7 @@ class FirmwareImage:
     kind: str = "bin"
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
+    address_given: bool = True
 
     def __post_init__(self) -> None:
         self.segments = merge_segments(self.segments)
@@ -97,11 +101,21 @@ class FirmwareImage:
     def padded(self, size: int, fill: int = 0xFF, base: int = 0) -> FirmwareImage:
         """A copy whose segments are whole ``size``-aligned blocks."""
         segs = [Segment(a, d) for a, d in self.blocks(size, fill, base)]
-        return FirmwareImage(segs, self.filename, self.kind, self.sha256, list(self.notes))
+        return FirmwareImage(
+            segs, self.filename, self.kind, self.sha256, list(self.notes), self.address_given
+        )
 
     def relocated(self, offset: int) -> FirmwareImage:
         segs = [Segment(s.address + offset, s.data) for s in self.segments]
-        return FirmwareImage(segs, self.filename, self.kind, self.sha256, list(self.notes))
+        return FirmwareImage(
+            segs, self.filename, self.kind, self.sha256, list(self.notes), self.address_given
+        )
+
+    def placed_at(self, address: int) -> FirmwareImage:
+        """A copy whose first byte is at ``address``, marked as placed (for address-less .bin)."""
+        moved = self.relocated(address - self.start)
+        moved.address_given = True
+        return moved
 
     def summary(self) -> dict[str, object]:
         return {
@@ -113,6 +127,7 @@ class FirmwareImage:
             "size": self.size,
             "segments": [{"address": s.address, "size": len(s.data)} for s in self.segments],
             "notes": list(self.notes),
+            "address_given": self.address_given,
         }
 
 
