@@ -42,7 +42,7 @@ _UF2_MAGIC2 = 0x9E5D5157
 _DFUSE_PREFIX = struct.Struct("<5sBIB")
 _DFUSE_TARGET = struct.Struct("<6sBI255s2I")
 _DFUSE_ELEMENT = struct.Struct("<2I")
-_GCODE_LINE = re.compile(rb"^\s*(?:N\d+\s+)?[GMT]\d+(?:\.\d+)?(?:\s|;|$)", re.IGNORECASE)
+_GCODE_LINE = re.compile(rb"^\s*(?:N\d+\s+)?[GMT]\d+(?:\.\d+)?(?:\s|;|\*|$)", re.IGNORECASE)
 
 _WHAT_TO_DO_BUILD = "Rebuild or download the firmware again and upload the .hex (or .bin) file."
 
@@ -65,12 +65,18 @@ def load(
             f"{name}: file not found.", hint="Check the path and upload the file again."
         ) from None
     except OSError as exc:
-        raise ImageError(f"{name}: cannot read the file: {exc.strerror}.") from exc
+        raise ImageError(
+            f"{name}: cannot read the file: {exc.strerror}.",
+            hint="Check the file's permissions and upload it again.",
+        ) from exc
     _check_size(name, size, max_size)
     try:
         data = p.read_bytes()
     except OSError as exc:
-        raise ImageError(f"{name}: cannot read the file: {exc.strerror}.") from exc
+        raise ImageError(
+            f"{name}: cannot read the file: {exc.strerror}.",
+            hint="Check the file's permissions and upload it again.",
+        ) from exc
     return load_bytes(data, name, base_address=base_address, max_size=max_size)
 
 
@@ -113,7 +119,7 @@ def load_bytes(
     if image.span > max_size:
         raise ImageError(
             f"{name} spans 0x{image.start:X}-0x{image.end - 1:X} ({image.span} bytes), more "
-            f"than the {max_size // MIB} MiB limit.",
+            f"than the {format_size(max_size)} limit.",
             cause="Some records lie far away from the others (e.g. RAM or option-byte data).",
             hint="Upload the application image only, built for the board's flash.",
         )
@@ -123,10 +129,18 @@ def load_bytes(
 def _check_size(name: str, size: int, max_size: int) -> None:
     if size > max_size:
         raise ImageError(
-            f"{name} is {size} bytes, over the {max_size // MIB} MiB limit for firmware files.",
+            f"{name} is {size} bytes, over the {format_size(max_size)} limit for firmware files.",
             cause="This is not a firmware image for a printer mainboard (they are under 2 MiB).",
             hint="Check that you picked the right file.",
         )
+
+
+def format_size(n: int) -> str:
+    """1024 -> "1 KiB", 16777216 -> "16 MiB", 1000 -> "1000 bytes"."""
+    for unit, factor in (("MiB", MIB), ("KiB", 1024)):
+        if n >= factor and n % factor == 0:
+            return f"{n // factor} {unit}"
+    return f"{n} bytes"
 
 
 # --- kind detection --------------------------------------------------------------------
@@ -168,10 +182,9 @@ def sniff(data: bytes, name: str) -> str:
         return "dfu"
     first = data.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if ext in HEX_EXTENSIONS:
-        if first != b":" or not text_like:
+        if not text_like:
             raise ImageError(
-                f"{name} is named like an Intel HEX file but is not one: it "
-                + ("does not start with ':'." if text_like else "contains binary data."),
+                f"{name} is named like an Intel HEX file but is not one: it contains binary data.",
                 cause="It is probably a raw binary (.bin) or another file renamed to .hex.",
                 hint="Upload the real .hex from the build, or the .bin with its address.",
             )
@@ -270,10 +283,16 @@ def _hex_record(line: bytes, name: str, lineno: int) -> tuple[int, int, bytes]:
                 cause="The file was damaged (edited, or transferred as the wrong encoding).",
                 hint=_WHAT_TO_DO_BUILD,
             )
-    if len(body) < 10 or len(body) % 2:
+    if len(body) < 10:
         raise ImageError(
-            f"{where}: truncated record ({len(body)} hex digits).",
+            f"{where}: truncated record ({len(body)} hex digits, a record has at least 10).",
             cause="The line was cut short; the file is damaged or incomplete.",
+            hint=_WHAT_TO_DO_BUILD,
+        )
+    if len(body) % 2:
+        raise ImageError(
+            f"{where}: odd number of hex digits ({len(body)}): a character is missing or extra.",
+            cause="The file was damaged in transfer or edited by hand.",
             hint=_WHAT_TO_DO_BUILD,
         )
     raw = bytes.fromhex(body.decode("ascii"))
@@ -388,7 +407,9 @@ def _load_bin(data: bytes, name: str, sha: str, base_address: Optional[int]) -> 
             f"{vid:04x}:{pid:04x}); only the payload is written."
         )
     if not data:
-        raise ImageError(f"{name} contains no firmware data (only a DFU suffix).")
+        raise ImageError(
+            f"{name} contains no firmware data (only a DFU suffix).", hint=_WHAT_TO_DO_BUILD
+        )
     if base_address is None:
         base_address = DEFAULT_BIN_ADDRESS
     if base_address is None:
@@ -441,7 +462,7 @@ def parse_dfuse(data: bytes, name: str) -> tuple[list[Segment], list[str]]:
         notes.append(f"Unusual bcdDFU {suffix[3]:04X} in the suffix (DfuSe files use 011A).")
     body_end = len(data) - suffix[4]
     if len(data) < _DFUSE_PREFIX.size + 16:
-        raise ImageError(f"{name}: the DfuSe file is truncated.", hint=_WHAT_TO_DO_BUILD)
+        raise _dfu_truncated(name, len(data), "the DfuSe prefix")
     _sig, version, _size, n_targets = _DFUSE_PREFIX.unpack_from(data, 0)
     if version != 1:
         raise ImageError(
