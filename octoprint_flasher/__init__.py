@@ -1,6 +1,333 @@
-"""OctoPrint-Flasher: flash printer mainboard firmware from OctoPrint, in pure Python."""
+"""OctoPrint-Flasher: flash printer mainboard firmware from OctoPrint, in pure Python.
+
+This module is the OctoPrint side only: control properties, the plugin class with its mixins
+and hooks. Routes live in :mod:`.api`, the printer connection in :mod:`.host`, settings in
+:mod:`.settings`; flashing itself is the OctoPrint-free core (``job``, ``store``, flashers).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import logging
+import logging.handlers
+import threading
+from pathlib import Path
+from typing import Any, Optional
+
 __plugin_name__ = "Firmware Updater"
+__plugin_description__ = (
+    "Flash printer mainboard firmware (AVR STK500, STM32 DFU, Katapult) without external tools"
+)
+__plugin_license__ = "AGPLv3"
 __plugin_pythoncompat__ = ">=3.9,<4"
+
+# The package is also the CLI and a library: only the plugin part below needs OctoPrint.
+HAVE_OCTOPRINT = importlib.util.find_spec("octoprint") is not None
+
+if HAVE_OCTOPRINT:
+    import octoprint.plugin
+    from flask_babel import gettext
+    from octoprint.access import ADMIN_GROUP
+    from octoprint.access.permissions import Permissions
+    from octoprint.events import Events
+
+    from . import settings as flasher_settings
+    from .api import FlasherApi, MessageThrottle, TargetMemory, target_to_json
+    from .host import HostOptions, OctoPrintHost
+    from .target import Target
+
+    TRANSPORTS_HOOK = "octoprint.plugin.flasher.transports"
+    CUSTOM_EVENTS = ["flash_started", "flash_done", "flash_failed"]
+    # job states after which the board is no longer being touched
+    _FINAL_STATES = ("done", "failed", "cancelled")
+
+    class FlasherPlugin(
+        octoprint.plugin.SettingsPlugin,
+        octoprint.plugin.AssetPlugin,
+        octoprint.plugin.TemplatePlugin,
+        FlasherApi,
+        octoprint.plugin.EventHandlerPlugin,
+        octoprint.plugin.StartupPlugin,
+        octoprint.plugin.ShutdownPlugin,
+    ):
+        def __init__(self) -> None:
+            super().__init__()
+            self._job: Any = None
+            self._store: Any = None
+            self._host: Any = None
+            self._targets: Any = None
+            self._throttle: Optional[MessageThrottle] = None
+            self._console = logging.getLogger("octoprint.plugins.flasher.console")
+            self._transports: dict[str, Any] = {}
+            self._transports_loaded = False
+            self._lock = threading.Lock()
+
+        ##~~ lifecycle
+
+        def initialize(self) -> None:
+            from .job import FlashJob
+            from .store import Store
+
+            data = Path(self.get_plugin_data_folder())
+            self._store = Store(
+                data,
+                max_size=flasher_settings.max_upload_bytes(self._settings.get(["max_upload_mb"])),
+            )
+            self._targets = TargetMemory(data / "targets.json")
+            self._host = OctoPrintHost(self._printer, self._host_options(), log=self._console_line)
+            self._throttle = MessageThrottle(self._send_message)
+            self._throttle.start()
+            self._job = FlashJob(self._store, self._host, self._on_job_event)
+            self._setup_console_log()
+
+        def on_after_startup(self) -> None:
+            self._load_transports()
+
+        def on_shutdown(self) -> None:
+            if self._job is not None and self._job.running:
+                self._logger.warning("OctoPrint shuts down during a flash; cancelling it.")
+                self._job.cancel()
+            if self._throttle is not None:
+                self._throttle.stop()
+
+        ##~~ SettingsPlugin
+
+        def get_settings_defaults(self) -> dict[str, Any]:
+            return flasher_settings.defaults()
+
+        def get_settings_version(self) -> int:
+            return flasher_settings.SETTINGS_VERSION
+
+        def on_settings_migrate(self, target: int, current: Optional[int]) -> None:
+            stored = self._settings.get_all_data(merged=False) or {}
+            migrated = flasher_settings.migrate(stored, current)
+            for key in list(stored):
+                if key not in migrated:
+                    self._settings.remove([key])
+            for key, value in migrated.items():
+                self._settings.set([key], value)
+
+        def on_settings_save(self, data: dict[str, Any]) -> dict[str, Any]:
+            result = octoprint.plugin.SettingsPlugin.on_settings_save(self, data)
+            if self._host is not None:
+                self._host.options = self._host_options()
+            return result
+
+        ##~~ AssetPlugin / TemplatePlugin
+
+        def get_assets(self) -> dict[str, list[str]]:
+            return {"js": ["js/flasher_format.js", "js/flasher.js"], "css": ["css/flasher.css"]}
+
+        def get_template_configs(self) -> list[dict[str, Any]]:
+            return [
+                {"type": "settings", "name": gettext("Firmware Updater"), "custom_bindings": True}
+            ]
+
+        def get_template_vars(self) -> dict[str, Any]:
+            return {
+                "max_upload_bytes": flasher_settings.max_upload_bytes(
+                    self._settings.get(["max_upload_mb"])
+                )
+            }
+
+        ##~~ EventHandlerPlugin
+
+        def on_event(self, event: str, payload: Any) -> None:
+            if event == Events.SETTINGS_UPDATED and self._store is not None:
+                self._store.max_size = flasher_settings.max_upload_bytes(
+                    self._settings.get(["max_upload_mb"])
+                )
+
+        ##~~ hooks
+
+        def get_additional_permissions(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+            return [
+                {
+                    "key": "FLASH",
+                    "name": "Flash firmware",
+                    "description": gettext(
+                        "Allows uploading firmware and flashing it to the printer's mainboard"
+                    ),
+                    "roles": ["flash"],
+                    "dangerous": True,
+                    "default_groups": [ADMIN_GROUP],
+                }
+            ]
+
+        def bodysize_hook(
+            self, current_max_body_sizes: Any, *args: Any, **kwargs: Any
+        ) -> list[Any]:
+            limit = flasher_settings.max_upload_bytes(self._settings.get(["max_upload_mb"]))
+            # room for the multipart framing and the small form fields around the file
+            return [("POST", r"/upload", limit + 64 * 1024)]
+
+        def handle_connect(self, printer: Any, *args: Any, **kwargs: Any) -> bool:
+            """Veto OctoPrint connecting while a flash holds the port (True = handled/blocked)."""
+            if self._host is not None and self._host.veto_connect():
+                self._logger.warning(
+                    "Refusing a printer connection while firmware is being flashed."
+                )
+                return True
+            return False
+
+        def get_update_information(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            return {
+                "flasher": {
+                    "displayName": "Firmware Updater (OctoPrint-Flasher)",
+                    "displayVersion": self._plugin_version,
+                    "type": "pypi_release",
+                    "package": "OctoPrint-Flasher",
+                    "pip": "OctoPrint-Flasher=={target_version}",
+                }
+            }
+
+        ##~~ glue used by the routes
+
+        def flasher_defaults(self) -> dict[str, Any]:
+            return {
+                "method": self._settings.get(["method"]),
+                "stk500": self._settings.get(["stk500"]) or {},
+                "dfu": self._settings.get(["dfu"]) or {},
+                "katapult": self._settings.get(["katapult"]) or {},
+            }
+
+        def flasher_transports(self) -> dict[str, Any]:
+            if not self._transports_loaded:
+                self._load_transports()
+            return self._transports
+
+        def flasher_start(self, image_id: str, target: Target, backup: bool) -> None:
+            self._host.options = self._host_options()
+            self._targets.remember_image(image_id, target_to_json(target))
+            self._job.start(image_id, target, backup=backup)
+            if target.port:
+                self._settings.set(["last_port"], target.port)
+                self._settings.save()
+
+        ##~~ internals
+
+        def _host_options(self) -> HostOptions:
+            return HostOptions(
+                reconnect=bool(self._settings.get_boolean(["reconnect_after_flash"])),
+                reconnect_timeout=float(self._settings.get_float(["reconnect_timeout"]) or 30),
+                settle_delay=float(self._settings.get_float(["settle_delay"]) or 0),
+                pre_gcode=str(self._settings.get(["pre_gcode"]) or ""),
+                post_gcode=str(self._settings.get(["post_gcode"]) or ""),
+            )
+
+        def _load_transports(self) -> None:
+            merged: dict[str, Any] = {}
+            for name, hook in self._plugin_manager.get_hooks(TRANSPORTS_HOOK).items():
+                try:
+                    offered = hook()
+                except Exception:
+                    self._logger.exception(
+                        f"Transport hook of plugin {name} failed", extra={"plugin": name}
+                    )
+                    continue
+                if isinstance(offered, dict):
+                    self._logger.info(f"Plugin {name} offers flasher transports: {sorted(offered)}")
+                    merged.update(offered)
+            self._transports = merged
+            self._transports_loaded = True
+
+        def _on_job_event(self, event: Any) -> None:
+            """Job events → console log, OctoPrint events and (throttled) browser messages."""
+            kind = event.type
+            data = dict(event.data or {})
+            if kind == "log":
+                line = str(data.get("line", ""))
+                self._console.info(line)
+                message = {"type": "log", "line": line, "lines": [line]}
+            else:
+                message = dict(data, type=kind)
+            if kind == "state":
+                state = data.get("state")
+                if state == "preflight" or (state not in _FINAL_STATES and not self._started):
+                    self._fire_once_started(data)
+                self._console.info(f"-- {state}")
+            if kind == "result":
+                self._on_result(data)
+            if self._throttle is not None:
+                self._throttle.push(message)
+
+        _started = False
+
+        def _fire_once_started(self, data: dict[str, Any]) -> None:
+            with self._lock:
+                if self._started:
+                    return
+                self._started = True
+            self._event_bus.fire(Events.PLUGIN_FLASHER_FLASH_STARTED, self._event_payload(data))
+
+        def _on_result(self, data: dict[str, Any]) -> None:
+            with self._lock:
+                self._started = False
+            ok = data.get("result") == "success" or data.get("ok") is True
+            record_id = data.get("record_id") or data.get("id")
+            image_id = data.get("image_id")
+            if record_id and image_id:
+                self._targets.remember_record(str(record_id), str(image_id))
+            if self._host is not None and not self._host.holding:
+                pass
+            elif self._host is not None:
+                self._host.release()
+            self._console.info(f"== {'success' if ok else 'failed'}: {data.get('message', '')}")
+            event = Events.PLUGIN_FLASHER_FLASH_DONE if ok else Events.PLUGIN_FLASHER_FLASH_FAILED
+            self._event_bus.fire(event, self._event_payload(data))
+
+        def _event_payload(self, data: dict[str, Any]) -> dict[str, Any]:
+            status = self._job.status() if self._job is not None else {}
+            image = status.get("image") or {}
+            return {
+                "target": status.get("target"),
+                "filename": image.get("filename"),
+                "sha256": image.get("sha256"),
+                "result": data.get("result"),
+                "message": data.get("message"),
+            }
+
+        def _send_message(self, message: dict[str, Any]) -> None:
+            self._plugin_manager.send_plugin_message(
+                self._identifier, message, permissions=[Permissions.PLUGIN_FLASHER_FLASH]
+            )
+
+        def _console_line(self, line: str) -> None:
+            self._console.info(line)
+            if self._job is not None:
+                self._on_job_event(_HostLog(line))
+
+        def _setup_console_log(self) -> None:
+            if self._console.handlers:
+                return
+            handler = logging.handlers.RotatingFileHandler(
+                self._settings.get_plugin_logfile_path(postfix="console"),
+                maxBytes=2 * 1024 * 1024,
+                backupCount=3,
+            )
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+            self._console.addHandler(handler)
+            self._console.setLevel(logging.INFO)
+            self._console.propagate = False
+
+    class _HostLog:
+        """A host log line shaped like a job ``log`` event."""
+
+        type = "log"
+
+        def __init__(self, line: str) -> None:
+            self.data = {"line": line}
+
+    def register_custom_events(*args: Any, **kwargs: Any) -> list[str]:
+        return list(CUSTOM_EVENTS)
+
+    __plugin_implementation__ = FlasherPlugin()
+    __plugin_hooks__ = {
+        "octoprint.access.permissions": __plugin_implementation__.get_additional_permissions,
+        "octoprint.server.http.bodysize": __plugin_implementation__.bodysize_hook,
+        "octoprint.printer.handle_connect": __plugin_implementation__.handle_connect,
+        "octoprint.events.register_custom_events": register_custom_events,
+        "octoprint.plugin.softwareupdate.check_config": (
+            __plugin_implementation__.get_update_information
+        ),
+    }
