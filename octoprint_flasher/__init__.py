@@ -12,7 +12,7 @@ import logging
 import logging.handlers
 import threading
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 __plugin_name__ = "Firmware Updater"
 __plugin_description__ = (
@@ -38,8 +38,8 @@ if HAVE_OCTOPRINT:
 
     TRANSPORTS_HOOK = "octoprint.plugin.flasher.transports"
     CUSTOM_EVENTS = ["flash_started", "flash_done", "flash_failed"]
-    # job states after which the board is no longer being touched
-    _FINAL_STATES = ("done", "failed", "cancelled")
+    # what OctoPrint names them (EVENT_DONE exists only once registered)
+    EVENT_STARTED, EVENT_DONE, EVENT_FAILED = (f"plugin_flasher_{e}" for e in CUSTOM_EVENTS)
 
     class FlasherPlugin(
         octoprint.plugin.SettingsPlugin,
@@ -61,6 +61,9 @@ if HAVE_OCTOPRINT:
             self._transports: dict[str, Any] = {}
             self._transports_loaded = False
             self._lock = threading.Lock()
+            # the flasher opener; None means methods.open_flasher (tests inject a fake board)
+            self._opener: Optional[Callable[..., Any]] = None
+            self._current_image_id: Optional[str] = None
 
         ##~~ lifecycle
 
@@ -77,7 +80,12 @@ if HAVE_OCTOPRINT:
             self._host = OctoPrintHost(self._printer, self._host_options(), log=self._console_line)
             self._throttle = MessageThrottle(self._send_message)
             self._throttle.start()
-            self._job = FlashJob(self._store, self._host, self._on_job_event)
+            if self._opener is None:
+                self._job = FlashJob(self._store, self._host, self._on_job_event)
+            else:
+                self._job = FlashJob(
+                    self._store, self._host, self._on_job_event, opener=self._opener
+                )
             self._setup_console_log()
 
         def on_after_startup(self) -> None:
@@ -122,6 +130,9 @@ if HAVE_OCTOPRINT:
             return [
                 {"type": "settings", "name": gettext("Firmware Updater"), "custom_bindings": True}
             ]
+
+        def is_template_autoescaped(self) -> bool:
+            return True
 
         def get_template_vars(self) -> dict[str, Any]:
             return {
@@ -199,7 +210,14 @@ if HAVE_OCTOPRINT:
         def flasher_start(self, image_id: str, target: Target, backup: bool) -> None:
             self._host.options = self._host_options()
             self._targets.remember_image(image_id, target_to_json(target))
-            self._job.start(image_id, target, backup=backup)
+            with self._lock:
+                self._current_image_id = image_id
+            try:
+                self._job.start(image_id, target, backup=backup)
+            except Exception:
+                with self._lock:
+                    self._current_image_id = None
+                raise
             if target.port:
                 self._settings.set(["last_port"], target.port)
                 self._settings.save()
@@ -238,42 +256,28 @@ if HAVE_OCTOPRINT:
             if kind == "log":
                 line = str(data.get("line", ""))
                 self._console.info(line)
-                message = {"type": "log", "line": line, "lines": [line]}
+                message: dict[str, Any] = {"type": "log", "line": line, "lines": [line]}
             else:
                 message = dict(data, type=kind)
             if kind == "state":
-                state = data.get("state")
-                if state == "preflight" or (state not in _FINAL_STATES and not self._started):
-                    self._fire_once_started(data)
-                self._console.info(f"-- {state}")
+                self._console.info(f"-- {data.get('state')}")
+                if data.get("state") == "preflight":
+                    self._event_bus.fire(EVENT_STARTED, self._event_payload(data))
             if kind == "result":
                 self._on_result(data)
             if self._throttle is not None:
                 self._throttle.push(message)
 
-        _started = False
-
-        def _fire_once_started(self, data: dict[str, Any]) -> None:
-            with self._lock:
-                if self._started:
-                    return
-                self._started = True
-            self._event_bus.fire(Events.PLUGIN_FLASHER_FLASH_STARTED, self._event_payload(data))
-
         def _on_result(self, data: dict[str, Any]) -> None:
             with self._lock:
-                self._started = False
-            ok = data.get("result") == "success" or data.get("ok") is True
-            record_id = data.get("record_id") or data.get("id")
-            image_id = data.get("image_id")
-            if record_id and image_id:
-                self._targets.remember_record(str(record_id), str(image_id))
-            if self._host is not None and not self._host.holding:
-                pass
-            elif self._host is not None:
-                self._host.release()
-            self._console.info(f"== {'success' if ok else 'failed'}: {data.get('message', '')}")
-            event = Events.PLUGIN_FLASHER_FLASH_DONE if ok else Events.PLUGIN_FLASHER_FLASH_FAILED
+                image_id, self._current_image_id = self._current_image_id, None
+            if data.get("job_id") and image_id:
+                self._targets.remember_record(str(data["job_id"]), image_id)
+            if self._host is not None:
+                self._host.release()  # the job is over: OctoPrint may connect again
+            ok = data.get("ok") is True
+            self._console.info(f"== {data.get('status')}: {data.get('message', '')}")
+            event = EVENT_DONE if ok else EVENT_FAILED
             self._event_bus.fire(event, self._event_payload(data))
 
         def _event_payload(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -283,7 +287,7 @@ if HAVE_OCTOPRINT:
                 "target": status.get("target"),
                 "filename": image.get("filename"),
                 "sha256": image.get("sha256"),
-                "result": data.get("result"),
+                "result": data.get("status"),
                 "message": data.get("message"),
             }
 

@@ -1,0 +1,95 @@
+"""OctoPrint-Flasher demo transports: emulated boards for a machine without USB or CAN.
+
+A single-file OctoPrint plugin that ``scripts/demo.sh`` copies into the demo basedir's
+``plugins/`` folder. It answers the Firmware Updater's ``octoprint.plugin.flasher.transports``
+hook with an emulated STM32 ROM DFU device (a pyusb backend) and an emulated Katapult node on
+a python-can ``virtual`` bus, both from the project's ``tests/emulators``. The repository root
+comes from the ``FLASHER_REPO`` environment variable the demo sets. Never install this on a
+real printer: it only shows the flasher's own code paths against emulators.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Optional
+
+import octoprint.plugin
+
+__plugin_name__ = "Firmware Updater demo boards"
+__plugin_description__ = "Emulated DFU and Katapult boards for the OctoPrint-Flasher demo"
+__plugin_pythoncompat__ = ">=3.9,<4"
+
+CAN_CHANNEL = "flasher-demo"
+
+_log = logging.getLogger("octoprint.plugins.flasher_demo_transports")
+
+
+class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPlugin):
+    """Builds the emulated boards once and offers them to the flasher."""
+
+    def __init__(self) -> None:
+        self._offer: Optional[dict[str, Any]] = None
+        self._node: Any = None
+
+    def transports(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if self._offer is None:
+            self._offer = self._build()
+        return self._offer
+
+    def on_after_startup(self) -> None:
+        offer = self.transports()
+        _log.info(f"Demo boards offered to the Firmware Updater: {sorted(offer)}")
+
+    def on_shutdown(self) -> None:
+        stop = getattr(self._node, "stop", None)
+        if callable(stop):
+            stop()
+
+    def _build(self) -> dict[str, Any]:
+        repo = os.environ.get("FLASHER_REPO")
+        if repo and repo not in sys.path:
+            sys.path.insert(0, repo)
+        offer: dict[str, Any] = {}
+        try:
+            offer["usb_backend"] = _dfu_backend()
+        except ImportError as exc:
+            _log.warning(f"No emulated DFU board: {exc}")
+        try:
+            factory, node = _katapult_bus()
+            self._node = node
+            offer.update(
+                can_bus_factory=factory, can_interface="virtual", can_channel=CAN_CHANNEL
+            )
+        except ImportError as exc:
+            _log.warning(f"No emulated Katapult node: {exc}")
+        return offer
+
+
+def _dfu_backend() -> Any:
+    """An STM32F446 in its ROM bootloader that comes back in DFU mode after every flash,
+    as a board with the BOOT0 jumper set does, so the demo can flash it again and again."""
+    from tests.emulators import dfu_device
+
+    faults = dfu_device.Faults(boot0_held=True)
+    scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
+    device = dfu_device.EmulatedDfuDevice(dfu_device.F446, time_scale=scale, faults=faults)
+    return dfu_device.DfuBackend([device])
+
+
+def _katapult_bus() -> tuple[Any, Any]:
+    """An STM32G0B1 running Klipper (with Katapult below it) on a python-can virtual bus: the
+    flasher finds it by its UUID and asks it to reboot into Katapult, as on a real CAN bus."""
+    from tests.emulators import katapult_node
+    from tests.emulators.klipper_firmware import make_klipper_bin
+
+    scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
+    board = katapult_node.EmulatedBoard(channel=CAN_CHANNEL, firmware="klipper", time_scale=scale)
+    board.install_app(make_klipper_bin())
+    board.start()
+    return katapult_node.virtual_bus_factory(CAN_CHANNEL), board
+
+
+__plugin_implementation__ = DemoTransports()
+__plugin_hooks__ = {"octoprint.plugin.flasher.transports": __plugin_implementation__.transports}

@@ -1,0 +1,254 @@
+"""The demo: a real OctoPrint with the Firmware Updater, a simulated printer and emulated boards.
+
+Run through ``scripts/demo.sh`` (which installs everything first). It
+
+1. builds the simulated boards (simavr harness, real optiboot, the printer-like test firmware),
+2. prepares a persistent OctoPrint basedir in ``demo-data/octoprint`` (wizards skipped, no
+   online checks, the pty ``/tmp/ttyFLASHER0`` as an extra port, autoconnect to it) with an
+   ``admin`` user whose fresh password it prints,
+3. starts the simulated printer — an ATmega1284P running real optiboot and the test firmware
+   "Demo 1" on the pty; OctoPrint's connect resets it as DTR would,
+4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device and
+   an emulated Katapult CAN node,
+5. writes sample firmware files to ``demo-data/samples/``,
+6. starts ``octoprint serve`` on http://127.0.0.1:5000 and waits until it answers.
+
+Ctrl-C stops OctoPrint and the simulated printer. The simulated AVR needs one core in real
+time, so the demo holds the machine-wide real-time lock while the printer runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import IO, Any, Optional
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+PORT_LINK = Path("/tmp/ttyFLASHER0")
+REALTIME_LOCK = Path(
+    os.environ.get("FLASHER_REALTIME_LOCK", "/tmp/octoprint-flasher-realtime.lock")
+)
+BOARD_CONFIG = "m1284p-optiboot-115200"
+PLUGIN_FILE = REPO / "demo" / "flasher_demo_transports.py"
+
+
+def config_yaml(port_link: Path) -> str:
+    """OctoPrint settings for a quiet, offline, ready-to-use demo server."""
+    return f"""\
+accessControl:
+  autologinLocal: false
+plugins:
+  _disabled: [announcements]
+  softwareupdate:
+    checks:
+      octoprint: {{disabled: true}}
+  tracking: {{enabled: false}}
+serial:
+  additionalPorts: ["{port_link.parent}/ttyFLASHER*"]
+  port: {port_link}
+  baudrate: 115200
+  autoconnect: true
+server:
+  firstRun: false
+  onlineCheck: {{enabled: false}}
+  pluginBlacklist: {{enabled: false}}
+  seenWizards: {{backup: null, corewizard: 4, file_check: 1, tracking: null}}
+"""
+
+
+def octoprint_bin() -> str:
+    candidate = Path(sys.executable).parent / "octoprint"
+    return str(candidate) if candidate.exists() else "octoprint"
+
+
+def prepare_basedir(basedir: Path, port_link: Path) -> str:
+    """Write the config (keeping an existing one) and (re)set the admin password."""
+    basedir.mkdir(parents=True, exist_ok=True)
+    config = basedir / "config.yaml"
+    if not config.exists():
+        config.write_text(config_yaml(port_link))
+    plugins = basedir / "plugins"
+    plugins.mkdir(exist_ok=True)
+    shutil.copy(PLUGIN_FILE, plugins / PLUGIN_FILE.name)
+    password = secrets.token_urlsafe(9)
+    users = basedir / "users.yaml"
+    base = [octoprint_bin(), "--basedir", str(basedir), "user"]
+    if users.exists() and "admin:" in users.read_text():
+        cmd = base + ["password", "admin", "--password", password]
+    else:
+        cmd = base + ["add", "admin", "--password", password, "--admin"]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return password
+
+
+def make_samples(folder: Path) -> dict[str, Path]:
+    """Firmware files a newcomer can flash from the page, plus one the page must refuse."""
+    from tests.emulators import klipper_firmware
+    from tests.emulators.simboard import build_test_firmware
+
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = {
+        "printer (ATmega1284P, new test firmware 'Demo 2')": folder
+        / "printer-demo2-atmega1284p.hex",
+        "STM32F446 DFU device (Klipper-like .bin at 0x08000000)": folder
+        / "klipper-stm32f446-dfu.bin",
+        "Katapult CAN node (STM32G0B1, Klipper-like .bin at 0x08002000)": folder
+        / "klipper-stm32g0b1-katapult.bin",
+        "wrong chip: built for the ATmega2560 (the page refuses it)": folder
+        / "wrong-chip-atmega2560.hex",
+    }
+    paths = list(samples.values())
+    shutil.copy(build_test_firmware("atmega1284p", "Demo 2"), paths[0])
+    paths[1].write_bytes(
+        klipper_firmware.make_klipper_bin(
+            mcu="stm32f446xx",
+            app_start=0x08000000,
+            size=32 * 1024,
+            canbus_frequency=None,
+            serial_baud=250000,
+        )
+    )
+    paths[2].write_bytes(klipper_firmware.make_klipper_bin())
+    shutil.copy(build_test_firmware("atmega2560", "Wrong Chip"), paths[3])
+    return samples
+
+
+def wait_online(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"OctoPrint exited with code {proc.returncode}; see its log above.")
+        try:
+            with urllib.request.urlopen(url + "/online.txt", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.5)
+    raise SystemExit(f"OctoPrint did not answer on {url} within {timeout:.0f} s.")
+
+
+def acquire_realtime_lock() -> IO[str]:
+    REALTIME_LOCK.touch(exist_ok=True)
+    handle = REALTIME_LOCK.open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("Waiting for another real-time simulation (tests?) to finish...", flush=True)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=REPO / "demo-data")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=5000)
+    parser.add_argument("--port-link", type=Path, default=PORT_LINK)
+    parser.add_argument(
+        "--check", action="store_true", help="start everything, verify it answers, then stop"
+    )
+    args = parser.parse_args(argv)
+
+    from tests.emulators.simboard import SimBoard, build_all, build_test_firmware
+
+    print("== building the simulated boards (cached after the first run)", flush=True)
+    build_all()
+    basedir = args.data / "octoprint"
+    password = prepare_basedir(basedir, args.port_link)
+    samples = make_samples(args.data / "samples")
+
+    lock = acquire_realtime_lock()
+    board: Any = None
+    server: Optional[subprocess.Popen[bytes]] = None
+    stopping = False
+
+    def stop(*_args: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        print(f"== starting the simulated printer on {args.port_link}", flush=True)
+        board = SimBoard(
+            BOARD_CONFIG,
+            app_hex=build_test_firmware("atmega1284p", "Demo 1"),
+            port_link=args.port_link,
+        )
+        board.start()
+        env = dict(os.environ, FLASHER_REPO=str(REPO), PYTHONUNBUFFERED="1")
+        url = f"http://{args.host}:{args.port}"
+        print(f"== starting OctoPrint on {url}", flush=True)
+        server = subprocess.Popen(
+            [
+                octoprint_bin(),
+                "--basedir",
+                str(basedir),
+                "serve",
+                "--host",
+                args.host,
+                "--port",
+                str(args.port),
+                "--iknowwhatimdoing",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )
+        wait_online(url, server)
+        print_banner(url, password, samples, basedir, args.port_link)
+        if args.check:
+            return 0
+        while not stopping and server.poll() is None:
+            time.sleep(0.5)
+        return 0 if stopping else (server.returncode or 0)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        print("\n== stopping", flush=True)
+        if server is not None and server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        if board is not None:
+            board.stop()
+        fcntl.flock(lock, fcntl.LOCK_UN)
+        lock.close()
+
+
+def print_banner(
+    url: str, password: str, samples: dict[str, Path], basedir: Path, port_link: Path
+) -> None:
+    width = 72
+    print("=" * width)
+    print(f"OctoPrint with the Firmware Updater is running: {url}")
+    print(f"  user: admin    password: {password}")
+    print("  then: Settings (wrench) -> Firmware Updater")
+    print(f"  simulated printer: ATmega1284P + optiboot on {port_link} (firmware 'Demo 1')")
+    print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo'")
+    print("Sample firmware files:")
+    for what, path in samples.items():
+        print(f"  {path}\n      {what}")
+    print(f"OctoPrint log: {basedir / 'logs' / 'octoprint.log'}")
+    print("Press Ctrl-C to stop.")
+    print("=" * width, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
