@@ -1,0 +1,172 @@
+"""Whole-flash algorithm for optiboot-class (STK500v1) bootloaders.
+
+optiboot erases each page itself when PROG_PAGE arrives, so pages can be written in any order
+and a write interrupted by a lost byte is simply redone after a reset. It has no checksum: a
+garbled data byte is written silently, which is why every page is read back, and pages that
+differ are written once more before a :class:`VerifyError` is raised.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from ..errors import ConnectError, FlashError
+from ..flasher import CancelToken, LogCallback
+from ..protocols.stk500v1 import Stk500v1
+from ..reset import ManualReset, ResetStrategy, arduino_reset, reset_chain
+from ..serial_port import SerialLink
+from ..target import Target
+from .avr_base import AvrSerialFlasher, prompt_or_none
+
+DEFAULT_BAUD = 115200
+
+#: optiboot flashes its LED for ~375 ms before it reads the first byte
+FIRST_SYNC_WAIT = 0.6
+#: optiboot major version from which UNIVERSAL 0x4D reaches flash above 128 KiB
+EXTENDED_ADDRESS_MAJOR = 6
+
+
+class Stk500v1Flasher(AvrSerialFlasher):
+    method = "stk500v1"
+    protocol_name = "STK500v1"
+    bootloader_name = "optiboot (STK500v1)"
+
+    def __init__(
+        self,
+        link: SerialLink,
+        *,
+        resets: list[ResetStrategy],
+        log: Optional[LogCallback] = None,
+        mcu: Optional[str] = None,
+        settle: float = 0.0,
+        first_wait: float = FIRST_SYNC_WAIT,
+        timeout: float = 0.3,
+        page_timeout: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(link, resets=resets, log=log, mcu=mcu, sleep=sleep)
+        self.settle = settle
+        self.first_wait = first_wait
+        self.timeout = timeout
+        self.page_timeout = page_timeout
+        self.version: tuple[int, int] = (0, 0)
+        self.proto = self._new_proto()
+
+    def _new_proto(self) -> Stk500v1:
+        return Stk500v1(self.link.ser, timeout=self.timeout, page_timeout=self.page_timeout)
+
+    # --- session --------------------------------------------------------------------------
+
+    def _sync(self, strategy: ResetStrategy) -> bool:
+        self.proto = self._new_proto()
+        if isinstance(strategy, ManualReset):
+            deadline = time.monotonic() + strategy.window
+            while time.monotonic() < deadline:
+                if self.proto.sync_once(FIRST_SYNC_WAIT):
+                    return self._confirm()
+            return False
+        if self.settle:
+            self.sleep(self.settle)
+        # one GET_SYNC at a time: a second one queued behind the first in the AVR's 2-byte
+        # FIFO would be read where optiboot expects 0x20 and throw it out of the bootloader
+        if self.proto.sync_once(self.first_wait):
+            return True
+        if self.proto.sync_once(self.timeout):
+            return self._confirm()
+        return False
+
+    def _confirm(self) -> bool:
+        """After a retried GET_SYNC a late answer may still be on its way: drain, resync."""
+        self.proto.wire.drain(0.02)
+        return self.proto.sync_once(self.timeout)
+
+    def _start_session(self) -> bytes:
+        self.proto.forget_segment()
+        self.version = self.proto.version()
+        self.proto.enter_progmode()
+        return self.proto.read_signature()
+
+    def adopt(self, signature: bytes, version: tuple[int, int]) -> None:
+        """Continue a session auto-detection already opened (saves one reset)."""
+        self.proto = self._new_proto()
+        self.version = version
+        self.in_bootloader = True
+        self._on_signature(signature)
+
+    def _details(self) -> dict[str, Any]:
+        return {"bootloader_version": f"{self.version[0]}.{self.version[1]}"}
+
+    @property
+    def _extended(self) -> bool:
+        return (
+            self.chip is not None
+            and self.chip.flash_size > 128 * 1024
+            and self.version[0] >= EXTENDED_ADDRESS_MAJOR
+        )
+
+    def _reach_limit(self) -> Optional[tuple[int, str]]:
+        if self.chip is None or self.chip.flash_size <= 128 * 1024 or self._extended:
+            return None
+        major, minor = self.version
+        return (
+            128 * 1024,
+            f"optiboot {major}.{minor} takes the upper address bit from bit 15 of the word "
+            "address and ignores the extended-address command, so it only reaches the first "
+            "128 KiB",
+        )
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def _read_page(self, address: int) -> bytes:
+        assert self.chip is not None
+        return self.proto.read_page(address, self.chip.page_size, extended=self._extended)
+
+    def _write_run(
+        self,
+        pages: list[tuple[int, bytes]],
+        progress: Callable[[int], None],
+        cancel: Optional[CancelToken],
+    ) -> list[tuple[int, bytes]]:
+        for addr, data in pages:
+            if cancel is not None:
+                cancel.check()
+            self._with_recovery(
+                lambda a=addr, d=data: self.proto.write_page(a, d, extended=self._extended)  # type: ignore[misc]
+            )
+            progress(len(data))
+        return pages
+
+    def _leave(self) -> None:
+        self.proto.leave_progmode()
+
+    def _silence_error(self, tried: list[str]) -> FlashError:
+        from .avr_auto import explain_silence
+
+        return explain_silence(self, tried) or super()._silence_error(tried)
+
+
+def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v1Flasher:
+    link = link_for(target, DEFAULT_BAUD)
+    opts = target.options
+    link.open()
+    return Stk500v1Flasher(
+        link,
+        resets=reset_chain(arduino_reset(), prompt_or_none(opts)),
+        log=log,
+        mcu=target.mcu,
+        settle=float(opts.get("settle", 0.0)),
+    )
+
+
+def link_for(target: Target, default_baud: int) -> SerialLink:
+    if not target.port:
+        raise ConnectError(
+            "No serial port given for the AVR bootloader.",
+            hint="Pass --port (for example /dev/ttyUSB0), or pick the printer's port.",
+        )
+    return SerialLink(
+        target.port,
+        target.baud or default_baud,
+        factory=target.options.get("serial_factory"),
+    )

@@ -1,0 +1,261 @@
+"""Whole-flash algorithm for the Arduino Mega's stk500v2 bootloader.
+
+That bootloader erases, on each PROGRAM_FLASH_ISP, the page at its own erase pointer (page 0 at
+the start of a session, then the next one) instead of the page it is told to write. So within one
+session pages must be written as a contiguous run starting at page 0: a page written out of order
+lands in flash that was never erased (the AVR can only clear bits) and the page the pointer hits
+is wiped. Consequences, each pinned in the tests:
+
+* an image with holes, or one that starts above 0, is written as every page from 0 to its last
+  page, holes filled with 0xFF (the bootloader would erase them anyway);
+* a quick re-flash compares every page and then writes pages 0 up to the last changed one;
+* writing again in the same session (a retry after verify) needs a new session: a reset;
+* a PROGRAM_FLASH_ISP whose answer is lost may or may not have run. It is sent again after a
+  LOAD_ADDRESS: if it had run, the erase pointer is now one page *ahead*, which is harmless
+  (every later page was erased before it is written) except that one page past the run is
+  erased too, so a quick re-flash then writes on to the end of the image.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from ..errors import FlashError
+from ..firmware import FirmwareImage
+from ..flasher import STAGE_READING, CancelToken, LogCallback, Progress, ProgressCallback
+from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
+from ..reset import ManualReset, ResetStrategy, reset_chain, wiring_reset
+from ..serial_port import SerialLink
+from ..target import Target
+from .avr_base import AvrSerialFlasher, prompt_or_none
+from .stk500v1 import link_for
+
+DEFAULT_BAUD = 115200
+#: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
+SIGN_ON_WAIT = 0.25
+
+
+class Stk500v2Flasher(AvrSerialFlasher):
+    method = "stk500v2"
+    protocol_name = "STK500v2"
+    bootloader_name = "stk500v2 (Arduino Mega)"
+
+    def __init__(
+        self,
+        link: SerialLink,
+        *,
+        resets: list[ResetStrategy],
+        log: Optional[LogCallback] = None,
+        mcu: Optional[str] = None,
+        settle: float = 0.0,
+        timeout: float = 0.3,
+        page_timeout: float = 0.5,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        super().__init__(link, resets=resets, log=log, mcu=mcu, sleep=sleep)
+        self.settle = settle
+        self.timeout = timeout
+        self.page_timeout = page_timeout
+        self.programmer = ""
+        self.proto = self._new_proto()
+        #: PROGRAM_FLASH_ISP commands answered in this session (the erase pointer's lower bound)
+        self.programmed = 0
+        #: a PROGRAM_FLASH_ISP was resent in this session: the erase pointer may be ahead
+        self.pointer_ahead = False
+        self._address: Optional[int] = None
+        self._full_plan: list[tuple[int, bytes]] = []
+
+    def _new_proto(self) -> Stk500v2:
+        return Stk500v2(
+            self.link.ser, timeout=self.timeout, page_timeout=self.page_timeout, retries=3
+        )
+
+    # --- session --------------------------------------------------------------------------
+
+    def _sync(self, strategy: ResetStrategy) -> bool:
+        self.proto = self._new_proto()
+        if isinstance(strategy, ManualReset):
+            deadline = time.monotonic() + strategy.window
+            while time.monotonic() < deadline:
+                if self._sign_on(SIGN_ON_WAIT):
+                    return True
+            return False
+        if self.settle:
+            self.sleep(self.settle)
+        for _ in range(3):
+            if self._sign_on(SIGN_ON_WAIT):
+                return True
+        return False
+
+    def _sign_on(self, wait: float) -> bool:
+        name = self.proto.sign_on(wait)
+        if name is None:
+            return False
+        self.programmer = name
+        return True
+
+    def _start_session(self) -> bytes:
+        self.programmed = 0
+        self.pointer_ahead = False
+        self._address = None
+        self.proto.enter_progmode()
+        return self.proto.read_signature()
+
+    def adopt(self, signature: bytes, programmer: str) -> None:
+        """Continue a session auto-detection already opened (saves one reset)."""
+        self.proto = self._new_proto()
+        self.programmer = programmer
+        self.programmed = 0
+        self.pointer_ahead = False
+        self._address = None
+        self.in_bootloader = True
+        self._on_signature(signature)
+
+    def _details(self) -> dict[str, Any]:
+        return {"programmer": self.programmer}
+
+    def _reach_limit(self) -> Optional[tuple[int, str]]:
+        return None
+
+    # --- planning: contiguous from page 0 --------------------------------------------------
+
+    def _pages(self, image: FirmwareImage) -> list[tuple[int, bytes]]:
+        assert self.chip is not None
+        size = self.chip.page_size
+        last = -(-image.end // size) * size
+        return [(a, image.read(a, size)) for a in range(0, last, size)]
+
+    def _plan(
+        self,
+        image: FirmwareImage,
+        quick: bool,
+        progress: ProgressCallback,
+        cancel: Optional[CancelToken],
+    ) -> tuple[list[tuple[int, bytes]], int]:
+        pages = self._pages(image)
+        self._full_plan = pages
+        if not quick:
+            return pages, 0
+        total = sum(len(d) for _, d in pages)
+        last_changed = -1
+        done = 0
+        for i, (addr, data) in enumerate(pages):
+            if cancel is not None:
+                cancel.check()
+            if self._with_recovery(lambda a=addr: self._read_page(a)) != data:  # type: ignore[misc]
+                last_changed = i
+            done += len(data)
+            progress(Progress(STAGE_READING, done, total))
+        todo = pages[: last_changed + 1]
+        return todo, len(pages) - len(todo)
+
+    def _rewrite_plan(
+        self, bad: list[tuple[int, bytes, bytes]], written: list[tuple[int, bytes]]
+    ) -> list[tuple[int, bytes]]:
+        last_bad = max(a for a, _, _ in bad)
+        return [(a, d) for a, d in written if a <= last_bad]
+
+    # --- pages ----------------------------------------------------------------------------
+
+    def _read_page(self, address: int) -> bytes:
+        assert self.chip is not None
+        size = self.chip.page_size
+        last: Optional[Stk500v2Error] = None
+        for _ in range(self.retries + 1):
+            try:
+                if self._address != address:
+                    self.proto.load_address(address)
+                    self._address = address
+                data = self.proto.read_flash(size)
+                self._address = address + size
+                return data
+            except Stk500v2Error as exc:
+                # the bootloader's address is unknown now: load it again before the retry
+                self._address = None
+                last = exc
+                if not exc.silent:
+                    break
+        assert last is not None
+        raise last
+
+    def _write_run(
+        self,
+        pages: list[tuple[int, bytes]],
+        progress: Callable[[int], None],
+        cancel: Optional[CancelToken],
+    ) -> list[tuple[int, bytes]]:
+        if not pages:
+            return []
+        while True:
+            if self.programmed or not self.in_bootloader:
+                # the erase pointer has moved on: only a reset brings it back to page 0
+                self.log("STK500v2: starting a new session to write from page 0")
+                self.in_bootloader = False
+                self.enter(first=False)
+            try:
+                return self._write_session(pages, progress, cancel)
+            except Stk500v2Error as exc:
+                self.recover(exc)
+
+    def _write_session(
+        self,
+        pages: list[tuple[int, bytes]],
+        progress: Callable[[int], None],
+        cancel: Optional[CancelToken],
+    ) -> list[tuple[int, bytes]]:
+        assert pages[0][0] == 0, "stk500v2 runs start at page 0"
+        written: list[tuple[int, bytes]] = []
+        todo = list(pages)
+        i = 0
+        while i < len(todo):
+            addr, data = todo[i]
+            if cancel is not None:
+                cancel.check()
+            self._program(addr, data)
+            written.append((addr, data))
+            progress(len(data))
+            i += 1
+            if i == len(todo) and self.pointer_ahead and len(todo) < len(self._full_plan):
+                # the erase pointer ran ahead into pages a quick re-flash meant to skip
+                todo = list(self._full_plan)
+        return written
+
+    def _program(self, addr: int, data: bytes) -> None:
+        for attempt in range(self.retries + 1):
+            try:
+                if self._address != addr:
+                    self.proto.load_address(addr)
+                    self._address = addr
+                self.proto.program_page(data)
+                self.programmed += 1
+                self._address = addr + len(data)
+                return
+            except Stk500v2Error as exc:
+                self._address = None
+                if not exc.silent or attempt == self.retries:
+                    raise
+                # it may have run with only the answer lost: the pointer may now be ahead
+                self.pointer_ahead = True
+                self.log(f"STK500v2: no answer to PROGRAM_FLASH_ISP at 0x{addr:05X}; resending")
+
+    def _leave(self) -> None:
+        self.proto.leave_progmode()
+
+    def _silence_error(self, tried: list[str]) -> FlashError:
+        from .avr_auto import explain_silence
+
+        return explain_silence(self, tried) or super()._silence_error(tried)
+
+
+def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v2Flasher:
+    link = link_for(target, DEFAULT_BAUD)
+    opts = target.options
+    link.open()
+    return Stk500v2Flasher(
+        link,
+        resets=reset_chain(wiring_reset(), prompt_or_none(opts)),
+        log=log,
+        mcu=target.mcu,
+        settle=float(opts.get("settle", 0.0)),
+    )
