@@ -96,7 +96,8 @@ def serial_devices(
         vid = getattr(info, "vid", None)
         pid = getattr(info, "pid", None)
         row = chips.lookup_usb(vid, pid)
-        desc = row.description if row else (getattr(info, "description", "") or "serial port")
+        raw_desc = getattr(info, "description", "") or ""
+        desc = row.description if row else (raw_desc if raw_desc != "n/a" else "serial port")
         details: dict[str, Any] = {}
         for attr in ("manufacturer", "product", "serial_number", "location", "hwid"):
             value = getattr(info, attr, None)
