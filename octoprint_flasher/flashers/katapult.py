@@ -368,7 +368,8 @@ class KatapultFlasher(Flasher):
             raise PreflightError("The firmware file is empty.", hint="Pick the built klipper.bin.")
         first = img.read(img.start, 8)
         data = img.to_bytes()
-        vec = check_reset_vector(first, target.app_start, target.app_end)
+        # the reset handler must lie in the application area *and* inside this image
+        vec = check_reset_vector(first, target.app_start, min(target.app_end, img.end))
         if looks_like_katapult(data) and not vec.ok:
             raise PreflightError(
                 f"{image.filename or 'This file'} is the Katapult bootloader itself "
@@ -487,6 +488,7 @@ class KatapultFlasher(Flasher):
     ) -> FlashResult:
         target = self.identify()
         assert self.client is not None
+        quick = quick or self.target.quick
         started = time.monotonic()
         img = self.placed(image)
         bs = self.client.block_size
