@@ -298,6 +298,7 @@ class DfuFlasher(Flasher):
             return ""
         first_start, _ = sectors[0]
         try:
+            session.read(image.start, 8)  # read-out protection shows up here, before any erase
             if self.target.options.get("mass_erase"):
                 head = session.read(layout.start, 8)
                 if image.start > layout.start and head != b"\xff" * 8:
@@ -402,10 +403,11 @@ class DfuFlasher(Flasher):
             for address, data in runs:
                 chunks += session.write(address, data, wrote)
             verified = self._verify(runs, progress, cancel)
-        except FlashError:
-            raise
         except Exception as exc:
-            raise self._explain(exc, "flashing") from exc
+            explained = self._explain(exc, "flashing")
+            if explained is exc:
+                raise
+            raise explained from exc
         if "stuck-dnbusy" in session.quirks_used:
             self.log("dfu: erase completion was inferred (H7 quirk) and confirmed by verify")
         return FlashResult(
@@ -525,10 +527,11 @@ class DfuFlasher(Flasher):
                 data += session.read(start + len(data), n)
                 done += n
                 progress(Progress(STAGE_READING, done, total))
-        except FlashError:
-            raise
         except Exception as exc:
-            raise self._explain(exc, "reading the flash") from exc
+            explained = self._explain(exc, "reading the flash")
+            if explained is exc:
+                raise
+            raise explained from exc
         size = session.transfer_size
         used = len(data.rstrip(b"\xff"))
         used = (used + size - 1) // size * size

@@ -103,11 +103,24 @@ def status_text(code: int) -> str:
     return STATUS_TEXT.get(code, f"status 0x{code:02X}")
 
 
+STATE_TEXT: dict[int, str] = {
+    State.APP_IDLE: "appIDLE",
+    State.APP_DETACH: "appDETACH",
+    State.DFU_IDLE: "dfuIDLE",
+    State.DFU_DNLOAD_SYNC: "dfuDNLOAD-SYNC",
+    State.DFU_DNBUSY: "dfuDNBUSY",
+    State.DFU_DNLOAD_IDLE: "dfuDNLOAD-IDLE",
+    State.DFU_MANIFEST_SYNC: "dfuMANIFEST-SYNC",
+    State.DFU_MANIFEST: "dfuMANIFEST",
+    State.DFU_MANIFEST_WAIT_RESET: "dfuMANIFEST-WAIT-RESET",
+    State.DFU_UPLOAD_IDLE: "dfuUPLOAD-IDLE",
+    State.DFU_ERROR: "dfuERROR",
+}
+
+
 def state_name(code: int) -> str:
-    try:
-        return State(code).name
-    except ValueError:
-        return f"state {code}"
+    """The state as the DFU specification and dfu-util's messages spell it."""
+    return STATE_TEXT.get(code, f"state {code}")
 
 
 @dataclass(frozen=True)

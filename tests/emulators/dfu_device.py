@@ -199,6 +199,7 @@ class Faults:
     boot0_held: bool = False  # after leave, the chip comes back as 0483:df11
     busy_mode: str = "block"  # "block": GETSTATUS waits while busy; "answer": answers DNBUSY
     leave_error: Optional[int] = None  # errno raised by the leave DNLOAD instead of dfuMANIFEST
+    weak_bit_at: Optional[int] = None  # a flash cell that reads back with bit 0 flipped
 
 
 class _Desc:
@@ -253,6 +254,7 @@ class EmulatedDfuDevice:
             tuple[int, int, int, int]
         ] = []  # (bmRequestType, bRequest, wValue, len)
         self.erased: list[int] = []
+        self.commands: list[bytes] = []  # DfuSe commands in execution order
         self.mass_erased = 0
         self.bytes_programmed = 0
         self.left_to: Optional[int] = None
@@ -585,6 +587,7 @@ class EmulatedDfuDevice:
         fail_target = (0.0, self._scaled_ms(m.set_address_poll_ms), (DFU_ERROR, ERR_TARGET))
         fail_vendor = (0.0, self._scaled_ms(m.set_address_poll_ms), (DFU_ERROR, ERR_VENDOR))
         if value == 0:
+            self.commands.append(payload)
             cmd = payload[0]
             if cmd == 0x21 and len(payload) == 5:
                 address = struct.unpack_from("<I", payload, 1)[0]
@@ -643,6 +646,9 @@ class EmulatedDfuDevice:
             self._disconnect("hung")
             return 0.0, 0, (DNLOAD_IDLE, OK)
         self.flash[off : off + len(image)] = image
+        weak = self.faults.weak_bit_at
+        if weak is not None and first <= weak < last:
+            self.flash[weak - m.flash_start] ^= 0x01
         self.bytes_programmed += len(payload)
         seconds = len(image) // word * m.program_word_s
         return seconds, self._scaled_ms(m.write_poll_ms), (DNLOAD_IDLE, OK)
