@@ -95,6 +95,7 @@ class DfuFlasher(Flasher):
         self._jump: Optional[int] = None
         self._closed = False
         self._left = False
+        self._placed: Optional[int] = None
         self.sleep: Callable[[float], None] = time.sleep
 
     # --- connection ---------------------------------------------------------------------
@@ -228,7 +229,9 @@ class DfuFlasher(Flasher):
         """Place an address-less .bin and pad to whole flash words."""
         if not image.address_given:
             start = self._default_start(image)
-            self.log(f"dfu: placing {image.filename or 'the .bin'} at 0x{start:08X}")
+            if self._placed != start:
+                self._placed = start
+                self.log(f"dfu: placing {image.filename or 'the .bin'} at 0x{start:08X}")
             image = image.placed_at(start)
         return image.padded(PAD, base=0)
 

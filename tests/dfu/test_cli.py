@@ -1,0 +1,84 @@
+"""The command line reaches the emulated board through OCTOPRINT_FLASHER_USB_BACKEND."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from octoprint_flasher import cli, usb_access
+from tests.dfu.conftest import klipper_like, make_board
+from tests.emulators.dfu_device import DfuBackend, Faults
+
+_BACKEND: Optional[DfuBackend] = None
+
+
+def shared_backend() -> DfuBackend:
+    """The factory the environment variable names: the test's board, every time."""
+    assert _BACKEND is not None
+    return _BACKEND
+
+
+@pytest.fixture
+def board(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DfuBackend:
+    global _BACKEND
+    b = make_board("STM32F446", bootloader=32 * 1024)
+    _BACKEND = b.backend
+    monkeypatch.setenv(usb_access.ENV_BACKEND, f"{__name__}:shared_backend")
+    monkeypatch.setenv(cli.ENV_HOME, str(tmp_path / "home"))
+    usb_access._ENV_CACHE.clear()
+    return b.backend
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = cli.main(list(argv), out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_detect_lists_the_dfu_board(board: DfuBackend) -> None:
+    code, out, _ = run("detect", "--json")
+    assert code == 0
+    devices = json.loads(out)["devices"]
+    dfu = [d for d in devices if d["kind"] == "usb-dfu"]
+    assert dfu[0]["usb_id"] == "0483:df11" and dfu[0]["chip"] == "STM32F446"
+    assert dfu[0]["usb_path"] == "1-2"
+
+
+def test_flash_then_read_back(board: DfuBackend, tmp_path: Path) -> None:
+    data = klipper_like(0x08008000, 40 * 1024)
+    firmware = tmp_path / "klipper.bin"
+    firmware.write_bytes(data)
+    code, out, err = run("flash", str(firmware), "--method", "dfu", "--usb", "0483:df11")
+    assert code == 0, err
+    assert "40960 bytes verified" in out
+    dev = board.devices[0]
+    assert dev.read_flash(0x08008000, len(data)) == data
+    assert dev.mode == "app"
+    dev._reset_dfu()
+    dev.mode = "dfu"  # the user sets BOOT0 again to take a backup
+    backup = tmp_path / "backup.bin"
+    code, _, err = run("read", "--method", "dfu", "--usb-path", "1-2", "--out", str(backup))
+    assert code == 0, err
+    assert backup.read_bytes() == data
+
+
+def test_refusal_exit_code_and_message(board: DfuBackend, tmp_path: Path) -> None:
+    firmware = tmp_path / "klipper.bin"
+    firmware.write_bytes(klipper_like(0x08008000, 4096))
+    code, _, err = run("flash", str(firmware), "--method", "dfu", "--address", "0x08000000")
+    assert code == cli.EXIT_REFUSED
+    assert "bootloader" in err
+    assert board.devices[0].erased == []
+
+
+def test_no_permission_prints_the_udev_rule(board: DfuBackend, tmp_path: Path) -> None:
+    board.devices[0].faults = Faults(access_denied=True)
+    firmware = tmp_path / "klipper.bin"
+    firmware.write_bytes(klipper_like(0x08008000, 4096))
+    code, _, err = run("flash", str(firmware), "--method", "dfu")
+    assert code == cli.EXIT_FAILED
+    assert usb_access.UDEV_RULE in err
