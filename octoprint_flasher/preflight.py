@@ -180,9 +180,12 @@ def _bootloader_overlap(image: FirmwareImage, t: TargetInfo) -> PreflightError:
         return PreflightError(
             f"The image starts at 0x{image.start:08X}, inside the bootloader area {region} "
             f"({boot}).",
-            cause="This looks like a bootloader file, not an application."
-            if looks_like_bootloader
-            else f"The firmware was built without the {format_size(offset)} bootloader offset.",
+            cause=f"The firmware was built without the {format_size(offset)} bootloader offset"
+            + (
+                ", or this is a bootloader file (e.g. katapult.bin), not an application."
+                if looks_like_bootloader
+                else "."
+            ),
             hint=f"Build with the right bootloader offset ({format_size(offset)}, application "
             f"at 0x{t.app_start:08X}); to replace the bootloader itself, use DFU or a programmer.",
         )

@@ -187,8 +187,13 @@ class Store:
         rec = dict(record)
         rec.setdefault("time", time.time())
         line = json.dumps(rec, sort_keys=True, default=str)
-        with self._lock, self.history_path.open("a", encoding="utf-8") as fh:
-            fh.write(line + "\n")
+        with self._lock, self.history_path.open("a+b") as fh:
+            # a crash mid-write leaves a torn last line: start on a fresh line, lose only it
+            if fh.tell() > 0:
+                fh.seek(-1, os.SEEK_END)
+                if fh.read(1) != b"\n":
+                    fh.write(b"\n")
+            fh.write(line.encode("utf-8") + b"\n")
             fh.flush()
             os.fsync(fh.fileno())
 
