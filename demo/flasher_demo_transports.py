@@ -59,9 +59,7 @@ class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPl
         try:
             factory, node = _katapult_bus()
             self._node = node
-            offer.update(
-                can_bus_factory=factory, can_interface="virtual", can_channel=CAN_CHANNEL
-            )
+            offer.update(can_bus_factory=factory, can_interface="virtual", can_channel=CAN_CHANNEL)
         except ImportError as exc:
             _log.warning(f"No emulated Katapult node: {exc}")
         return offer

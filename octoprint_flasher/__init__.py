@@ -302,8 +302,9 @@ if HAVE_OCTOPRINT:
                 self._on_job_event(_HostLog(line))
 
         def _setup_console_log(self) -> None:
-            if self._console.handlers:
-                return
+            for old in list(self._console.handlers):  # a re-initialised plugin logs anew
+                self._console.removeHandler(old)
+                old.close()
             handler = logging.handlers.RotatingFileHandler(
                 self._settings.get_plugin_logfile_path(postfix="console"),
                 maxBytes=2 * 1024 * 1024,

@@ -247,9 +247,9 @@ def expand_port_globs(patterns: list[str]) -> list[str]:
 class MessageThrottle:
     """Sends at most one plugin message per ``interval`` without losing meaning.
 
-    Consecutive progress updates collapse to the newest and consecutive log lines join into
-    one message, but a state change or a result is never merged away: the queue only merges
-    within the stretch after the last queued state/result, so the browser sees every stage.
+    Progress updates collapse to the newest and log lines join into one message, but a state
+    change or a result is never merged away: the queue only merges within the stretch after
+    the last queued state/result, so the browser sees every stage in order.
     """
 
     def __init__(
@@ -278,9 +278,10 @@ class MessageThrottle:
                         break
                 else:
                     self._queue.append(dict(message))
-            elif kind == "log" and tail and tail[-1].get("type") == "log":
-                tail[-1]["lines"].extend(message.get("lines", []))
-                tail[-1]["line"] = "\n".join(tail[-1]["lines"])
+            elif kind == "log" and any(q.get("type") == "log" for q in tail):
+                queued = next(q for q in tail if q.get("type") == "log")
+                queued["lines"].extend(message.get("lines", []))
+                queued["line"] = "\n".join(queued["lines"])
             else:
                 item = dict(message)
                 if kind == "log":
@@ -310,8 +311,10 @@ class MessageThrottle:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop sending; whatever is still queued is dropped (nobody is listening any more)."""
         with self._cond:
             self._stopped = True
+            self._queue.clear()
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout=2)
@@ -321,11 +324,13 @@ class MessageThrottle:
             with self._cond:
                 while not self._queue and not self._stopped:
                     self._cond.wait()
-                if self._stopped and not self._queue:
+                if self._stopped:
                     return
                 wait = self._last + self.interval - self._clock()
             if wait > 0:
-                time.sleep(wait)
+                with self._cond:
+                    self._cond.wait(wait)  # stop() wakes us early
+                continue
             try:
                 self.pump()
             except Exception:  # a broken socket must not kill the channel
