@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from octoprint_flasher.errors import ConnectError
@@ -109,11 +111,11 @@ def test_a_printer_that_never_gets_operational_times_out_with_advice() -> None:
     host, clock, _lines = make_host(printer, reconnect_timeout=10)
     host.disconnect()
 
-    def connect_but_hang(**kwargs: object) -> None:
+    def connect_but_hang(**kwargs: Any) -> None:
         printer.connects.append(dict(kwargs))
         printer.state = "DETECT_SERIAL"
 
-    printer.connect = connect_but_hang  # type: ignore[method-assign]
+    printer.connect = connect_but_hang  # type: ignore[method-assign,assignment]
     with pytest.raises(ConnectError) as err:
         host.reconnect()
     assert "not Operational 10 s" in err.value.message
@@ -129,11 +131,11 @@ def test_the_port_is_held_from_disconnect_until_reconnect() -> None:
     vetoed_during_own_connect = []
     original = printer.connect
 
-    def connect(**kwargs: object) -> None:
+    def connect(**kwargs: Any) -> None:
         vetoed_during_own_connect.append(host.veto_connect())
-        original(**kwargs)  # type: ignore[arg-type]
+        original(**kwargs)
 
-    printer.connect = connect  # type: ignore[method-assign]
+    printer.connect = connect  # type: ignore[method-assign,assignment]
     host.reconnect()
     assert vetoed_during_own_connect == [False]
     assert host.veto_connect() is False
