@@ -247,10 +247,14 @@ class SerialLink:
         self.opened_at = time.monotonic()
         return self.ser
 
-    def reopen(self, baud: Optional[int] = None) -> Any:
+    def reopen(self, baud: Optional[int] = None, closed_for: float = 0.1) -> Any:
+        """Close, stay closed ``closed_for`` seconds (DTR low: the auto-reset capacitor
+        recharges and the other end sees the hang-up), open again: a reset."""
         if baud is not None:
             self.baud = baud
         self.close()
+        if closed_for > 0:
+            time.sleep(closed_for)
         return self.open()
 
     def set_baud(self, baud: int) -> None:

@@ -29,7 +29,7 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
-from ..reset import NoModemLines, Prompt, ResetStrategy
+from ..reset import NoModemLines, OpenedReset, Prompt, ResetStrategy
 from ..serial_port import SerialLink
 
 #: recoveries (reset + resync) one flash may use before giving up
@@ -69,6 +69,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
 
     protocol_name = ""
     bootloader_name = ""
+    #: whether writing some pages again can disturb others (then all are verified again)
+    rewrite_touches_others = False
 
     def __init__(
         self,
@@ -137,6 +139,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
             order.insert(0, self._good_reset)
         tried: list[str] = []
         for strategy in order:
+            if not first and isinstance(strategy, OpenedReset):
+                continue  # only the open that started this flasher was a reset
             try:
                 strategy(self.link)
             except NoModemLines:
@@ -176,15 +180,7 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         self.recoveries += 1
         self.in_bootloader = False
         if self.recoveries > MAX_RECOVERIES:
-            raise ProtocolError(
-                f"Gave up after {MAX_RECOVERIES} attempts to resynchronise with the bootloader; "
-                f"last problem: {getattr(why, 'message', why)}",
-                cause="The serial line loses or garbles bytes again and again (bad cable, "
-                "electrical noise from the printer's motors or heaters, wrong baud).",
-                hint="The board stays in (or returns to) its bootloader on reset. Use a short, "
-                "shielded USB cable, turn the printer's power supply off (USB powers the "
-                "chip), and flash again.",
-            ) from why
+            raise self._gave_up(why, f"{MAX_RECOVERIES} resets in this flash") from why
         self.log(f"{self.protocol_name}: {getattr(why, 'message', why)} — resetting and resuming")
         self.enter(first=False)
 
@@ -298,9 +294,19 @@ class AvrSerialFlasher(Flasher, abc.ABC):
                 return op()
             except ProtocolError as exc:
                 if attempt == self.retries:
-                    raise
+                    raise self._gave_up(exc, f"{self.retries} resets") from exc
                 self.recover(exc)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _gave_up(self, why: Exception, after: str) -> ProtocolError:
+        return ProtocolError(
+            f"Gave up after {after}: {getattr(why, 'message', why)}",
+            cause="The serial line loses or garbles bytes again and again (bad cable, "
+            "electrical noise from the printer's motors or heaters, wrong baud rate).",
+            hint="The bootloader is still on the chip and starts on every reset: use a short, "
+            "shielded USB cable, switch the printer's power supply off (USB powers the chip) "
+            "and flash again. Until then the board may not run its firmware.",
+        )
 
     def _plan(
         self,
@@ -373,6 +379,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
                 f"0x{addr:05X}; writing them again"
             )
             again = self._write_pages(self._rewrite_plan(bad, written), progress, cancel)
+            if self.rewrite_touches_others:
+                again = sorted(dict([*written, *again]).items())
             still = self._verify(again, progress, cancel)
             if still:
                 raise self._verify_error(still[0])

@@ -40,6 +40,7 @@ class Stk500v2Flasher(AvrSerialFlasher):
     method = "stk500v2"
     protocol_name = "STK500v2"
     bootloader_name = "stk500v2 (Arduino Mega)"
+    rewrite_touches_others = True
 
     def __init__(
         self,
