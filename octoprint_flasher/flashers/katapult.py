@@ -316,6 +316,14 @@ class KatapultFlasher(Flasher):
             return exc
         admin = klipper_can.Admin(self.can_link)
         try:
+            # an assigned node never answers a query: if ours does, it has rebooted
+            rebooted = admin.wait_for(self.uuid, klipper_can.APP_KATAPULT, timeout=0.15)
+            if rebooted is not None:
+                return NodeResetError(
+                    f"Node {self.uuid.hex()} restarted Katapult during {what}.",
+                    cause="The board was reset (button, brown-out, watchdog) and lost its CAN id.",
+                    hint="Flash again; check the power supply if it repeats.",
+                )
             admin.clear_katapult()
             alive = admin.wait_for(self.uuid, None, timeout=0.3)
         except FlashError:
@@ -325,9 +333,7 @@ class KatapultFlasher(Flasher):
             return ConnectError(
                 f"Katapult stopped answering {what}, although node {self.uuid.hex()} is "
                 "still on the bus.",
-                cause="A frame to the node was lost or damaged; Katapult's command parser then "
-                "re-reads the same broken frame forever and ignores all further commands "
-                "until it is reset." + extra,
+                cause=kp.PARSER_STALL + extra,
                 hint="Press reset twice quickly (or power-cycle) to restart Katapult, then "
                 "flash again. Nothing was committed: the board stays in its bootloader.",
             )
@@ -493,6 +499,43 @@ class KatapultFlasher(Flasher):
         img = self.placed(image)
         bs = self.client.block_size
         blocks = list(img.blocks(bs, base=target.app_start))
+        for attempt in (1, 2):
+            try:
+                to_write, skipped = self._write_and_verify(blocks, target, quick, progress, cancel)
+                break
+            except NodeResetError:
+                if attempt == 2 or self.uuid is None:
+                    raise
+                # Katapult restarted: rewriting from the first block is safe, because a page
+                # whose first block arrives again is erased and rewritten whole
+                self.log("The node restarted mid-flash: reconnecting and writing again.")
+                self._reconnect_can()
+        self._failed = False
+        return FlashResult(
+            bytes_written=len(to_write) * bs,
+            bytes_verified=len(blocks) * bs,
+            blocks_written=len(to_write),
+            blocks_skipped=skipped,
+            seconds=time.monotonic() - started,
+        )
+
+    def _reconnect_can(self) -> None:
+        assert self.uuid is not None and self.client is not None
+        admin = klipper_can.Admin(self.can_link)
+        admin.assign_katapult(self.uuid, klipper_can.KATAPULT_NODEID)
+        self.client.decoder = kp.FrameDecoder()
+        self._guarded(self.client.connect, "CONNECT")
+
+    def _write_and_verify(
+        self,
+        blocks: list[tuple[int, bytes]],
+        target: TargetInfo,
+        quick: bool,
+        progress: ProgressCallback,
+        cancel: Optional[CancelToken],
+    ) -> tuple[list[tuple[int, bytes]], int]:
+        assert self.client is not None
+        bs = self.client.block_size
         try:
             to_write, skipped = self._plan(blocks, target, quick, progress, cancel)
             total = len(to_write) * bs
@@ -524,14 +567,7 @@ class KatapultFlasher(Flasher):
             if not exc.hint.endswith(_STAY):
                 exc.hint = (exc.hint + " " + _STAY).strip()
             raise
-        self._failed = False
-        return FlashResult(
-            bytes_written=len(to_write) * bs,
-            bytes_verified=len(blocks) * bs,
-            blocks_written=len(to_write),
-            blocks_skipped=skipped,
-            seconds=time.monotonic() - started,
-        )
+        return to_write, skipped
 
     def _plan(
         self,
@@ -634,6 +670,10 @@ class KatapultFlasher(Flasher):
         if self.can_link is not None:
             self.can_link.close()
             self.can_link = None
+
+
+class NodeResetError(ConnectError):
+    """The CAN node came back unassigned in the middle of a session: it rebooted."""
 
 
 _STAY = "The board stays in Katapult until you flash again (COMPLETE was not sent)."

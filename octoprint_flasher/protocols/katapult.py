@@ -48,6 +48,13 @@ COMMAND_NAMES = {
 
 VALID_BLOCK_SIZES = (64, 128, 256, 512)
 
+#: why Katapult goes quiet after one bad frame (its ``command_find_block`` re-parses a broken
+#: frame that starts with 0x01 forever); shared by every transport's error message
+PARSER_STALL = (
+    "A frame to the board was lost or damaged; Katapult's command parser then re-reads the "
+    "same broken frame forever and ignores all further commands until it is reset."
+)
+
 
 def crc16(data: bytes) -> int:
     """CRC-16/MCRF4XX (Klipper's ``crc16_ccitt``): init 0xFFFF, reflected 0x1021, no xor-out."""
@@ -215,8 +222,7 @@ class KatapultClient:
         frame = encode_frame(cmd, payload)
         wait = self.timeouts.command if timeout is None else timeout
         attempts = self.timeouts.tries if tries is None else tries
-        last = ""
-        silent = True
+        outcomes: list[str] = []
         for attempt in range(attempts):
             if attempt:
                 self.retries += 1
@@ -224,22 +230,28 @@ class KatapultClient:
             outcome, data = self._await(cmd, wait, expect_word)
             if outcome == "ack":
                 return data
-            silent = silent and outcome == "silence"
-            last = outcome
+            outcomes.append(outcome)
             if outcome == "error":
                 raise ProtocolError(
                     f"Katapult refused {name}.",
                     cause=_refusal_cause(cmd),
                     hint="The board stays in Katapult; check the file and flash again.",
                 )
-        if silent:
+        if outcomes[-1] == "silence":
+            if "nack" in outcomes:
+                raise ConnectError(
+                    f"Katapult reported a damaged frame during {name} and then stopped answering.",
+                    cause=PARSER_STALL,
+                    hint="Press reset twice quickly (or power-cycle) to restart Katapult, "
+                    "then flash again.",
+                )
             raise ConnectError(
                 f"No answer to {name} after {attempts} tries.",
                 cause="The board is not in Katapult, is rebooting, or did not receive the command.",
                 hint="Check the connection and that the board is in its bootloader.",
             )
         raise ProtocolError(
-            f"Error sending command [{name}] to the device ({last}).",
+            f"Error sending command [{name}] to the device ({outcomes[-1]}).",
             cause="Frames were damaged on the way (noise, termination) or the device is not "
             "Katapult.",
             hint="Check wiring and termination, reset the board into Katapult and retry.",
