@@ -112,13 +112,15 @@ class Clock:
         return self.free
 
     def wait(self, deadline: float) -> None:
+        """Sleep in the OS (releasing the GIL for the host thread) until just before the
+        deadline, then spin the last few tens of microseconds."""
         if self.scale <= 0:
             return
         while True:
             left = deadline - time.perf_counter()
             if left <= 0:
                 return
-            time.sleep(left if left > 0.0015 else 0)
+            time.sleep(left - 0.00008 if left > 0.00016 else 0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -444,6 +446,22 @@ class UsbWorld:
             self._bridges.pop(channel, None)
 
 
+@dataclass
+class LinkStats:
+    """Where real time goes besides the model: ``host_seconds`` sums the gaps between the
+    node's last reply byte and the host's next command (the host's turnaround)."""
+
+    replied_at: Optional[float] = None
+    host_seconds: float = 0.0
+    exchanges: int = 0
+
+    def command_arrived(self, now: float) -> None:
+        if self.replied_at is not None:
+            self.host_seconds += now - self.replied_at
+            self.exchanges += 1
+            self.replied_at = None
+
+
 # --------------------------------------------------------------------------------------------
 # the board
 
@@ -508,6 +526,7 @@ class EmulatedBoard:
         self._pending: Optional[tuple[float, str]] = None
         self._silent_until = 0.0
         self.clock = Clock(time_scale)
+        self.stats = LinkStats()
         self.boots = 0
         self._can: Optional[_CanRunner] = None
         self._serial: Optional[_SerialRunner] = None
@@ -666,6 +685,13 @@ class EmulatedBoard:
         self.events.append("klipper running")
         if self.interface == "usb":
             self._replug((0x1D50, 0x614E))
+        elif self.interface == "usb-can-bridge" and self._can is None:
+            if self._serial is not None:
+                self._serial.stop()
+                self._serial = None
+            self._can = _CanRunner(self)
+            self._can.start()
+            self.world.add_bridge(BridgeInfo(self.channel, self.usb_serial, self.location))
 
     def _replug(self, usb_id: tuple[int, int]) -> None:
         if self._serial is not None:
@@ -732,6 +758,30 @@ class _CanRunner:
             time.sleep(delay)
         if out is not None:
             self.bus.send(can.Message(arbitration_id=arb_id, data=out, is_extended_id=False))
+        board.stats.replied_at = time.perf_counter()
+
+    def _send_burst(self, arb_id: int, chunks: list[bytes], ready: float) -> None:
+        """A reply's frames: the bus time of each is booked, then they are handed over when
+        the last one would have finished (the host can use none before the last anyway), so
+        one wait per reply instead of one per frame keeps the model's clock honest."""
+        board = self.board
+        deadline = ready
+        extra = 0.0
+        out: list[bytes] = []
+        for chunk in chunks:
+            deadline = board.clock.occupy(
+                can_frame_bits(arb_id, chunk) / board.bitrate, not_before=ready
+            )
+            got, delay = board.faults.outbound(chunk)
+            extra += delay
+            if got is not None:
+                out.append(got)
+        board.clock.wait(deadline + extra * board.time_scale)
+        if extra and board.time_scale <= 0:
+            time.sleep(extra)
+        for chunk in out:
+            self.bus.send(can.Message(arbitration_id=arb_id, data=chunk, is_extended_id=False))
+        board.stats.replied_at = time.perf_counter()
 
     def _on_frame(self, arb_id: int, data: bytes) -> None:
         board = self.board
@@ -752,6 +802,7 @@ class _CanRunner:
             return
         if not board.katapult_id or arb_id != board.katapult_id:
             return
+        board.stats.command_arrived(time.perf_counter())
         got, action = board.faults.inbound(data)
         if action == "reset":
             board.fault_reset()
@@ -767,9 +818,8 @@ class _CanRunner:
         for reply in replies:
             if reply.device_seconds:
                 ready = board.clock.occupy(reply.device_seconds, not_before=ready)
-            board.clock.wait(ready)
-            for pos in range(0, len(reply.frame), 8):
-                self._send(board.katapult_id + 1, reply.frame[pos : pos + 8])
+            chunks = [reply.frame[pos : pos + 8] for pos in range(0, len(reply.frame), 8)]
+            self._send_burst(board.katapult_id + 1, chunks, ready)
         if core.complete_requested:
             core.complete_requested = False
             board.reboot("app", delay=0.1)
@@ -865,9 +915,9 @@ class _SerialRunner:
             return n * 10 / self.board.baud
         return 0.0005 + n * 8 * 1.2 / 12e6
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, ready: Optional[float] = None) -> None:
         board = self.board
-        deadline = board.clock.occupy(self._byte_seconds(len(data)))
+        deadline = board.clock.occupy(self._byte_seconds(len(data)), not_before=ready)
         out, delay = board.faults.outbound(data)
         board.clock.wait(deadline + delay * board.time_scale)
         if delay and board.time_scale <= 0:
@@ -877,6 +927,7 @@ class _SerialRunner:
                 os.write(self.master, out)
             except OSError:
                 pass
+        board.stats.replied_at = time.perf_counter()
 
     def _run(self) -> None:
         import select
@@ -923,6 +974,7 @@ class _SerialRunner:
             return
         if board.mode != "katapult" or board.core is None:
             return
+        board.stats.command_arrived(time.perf_counter())
         arrival = board.clock.occupy(self._byte_seconds(len(data)))
         got, action = board.faults.inbound(data)
         if action in ("reset", "bus-off"):
@@ -950,8 +1002,7 @@ class _SerialRunner:
         for reply in replies:
             if reply.device_seconds:
                 ready = board.clock.occupy(reply.device_seconds, not_before=ready)
-            board.clock.wait(ready)
-            self._write(reply.frame)
+            self._write(reply.frame, ready)
         if core.complete_requested:
             core.complete_requested = False
             board.reboot("app", delay=0.1)

@@ -112,3 +112,4 @@ def test_usb_can_bridge_jumps_and_is_followed_to_usb_serial(
     assert warnings == []
     assert "USB-CAN bridge" in " ".join(log)
     assert board.app_bytes(SMALL) == data
+    assert wait_until(lambda: world.find_bridge(board.channel) is not None)  # can0 is back
