@@ -12,6 +12,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -38,11 +39,7 @@ CONFIG_YAML = """\
 devel:
   enableRateLimiter: false
 plugins:
-  _disabled: [announcements]
-  softwareupdate:
-    checks:
-      octoprint:
-        disabled: true
+  _disabled: [announcements, softwareupdate]
   tracking:
     enabled: false
   virtual_printer:
@@ -106,9 +103,15 @@ class OctoPrintServer:
     def url(self, path: str) -> str:
         return self.base_url + "/" + path.lstrip("/")
 
-    def log_tail(self, lines: int = 80) -> str:
+    def log_tail(self, lines: int = 60) -> str:
+        """The end of OctoPrint's log and of the plugin's own console log (or, if OctoPrint
+        never got as far as logging, of its stdout)."""
+        logs = self.basedir / "logs"
+        sources = [logs / "octoprint.log", logs / "plugin_flasher_console.log"]
+        if not sources[0].exists():
+            sources = [self.console]
         parts = []
-        for path in (self.basedir / "logs" / "octoprint.log", self.console):
+        for path in sources:
             if path.exists():
                 text = path.read_text(errors="replace").splitlines()[-lines:]
                 parts.append(f"--- {path.name} (last {len(text)} lines) ---\n" + "\n".join(text))
@@ -267,7 +270,8 @@ class Client:
 
 
 def job_running(status: dict[str, Any]) -> bool:
-    return str(status.get("state", "")).lower() not in ("idle", "done", "failed", "cancelled", "")
+    """Whether ``GET status`` describes a flash in progress."""
+    return bool(status["running"])
 
 
 @pytest.fixture(scope="package")
@@ -406,10 +410,10 @@ class SimPrinter:
     board: Any  # tests.emulators.simboard.SimBoard
     port: str
     baud: int
-    old_name: str = "E2E Old"
-    new_name: str = "E2E New"
-    busy_name: str = "E2E Busy"
-    browser_name: str = "E2E Browser"
+    old_name: str = "E2E-Old"
+    new_name: str = "E2E-New"
+    busy_name: str = "E2E-Busy"
+    browser_name: str = "E2E-Browser"
 
     @property
     def target(self) -> dict[str, Any]:
@@ -420,7 +424,7 @@ class SimPrinter:
 @pytest.fixture(scope="package")
 def printer(package_realtime_lock: None, octoprint_server: OctoPrintServer) -> Iterator[SimPrinter]:
     """Real optiboot in simavr on a pty linked into the glob OctoPrint lists as serial ports,
-    with the test firmware "E2E Old" answering like a printer."""
+    with the test firmware "E2E-Old" answering like a printer."""
     from tests.emulators.simboard import SimBoard, build_test_firmware
 
     old = build_test_firmware(MCU, SimPrinter.old_name)
@@ -452,10 +456,13 @@ def big_firmware() -> Path:
 
 
 @pytest.fixture(scope="package")
-def browser_firmware() -> Path:
+def browser_firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The file a user would pick, under a readable name (it shows in the screenshots)."""
     from tests.emulators.simboard import build_test_firmware
 
-    path: Path = build_test_firmware(MCU, SimPrinter.browser_name, size=4096)
+    built = build_test_firmware(MCU, SimPrinter.browser_name, size=4096)
+    path = tmp_path_factory.mktemp("upload") / "printer-firmware-1284p.hex"
+    shutil.copyfile(built, path)
     return path
 
 
@@ -464,7 +471,7 @@ def oversized_firmware() -> Path:
     """A Mega 2560 build of 140 KiB: more than the 1284P's whole 128 KiB flash."""
     from tests.emulators.simboard import build_test_firmware
 
-    path: Path = build_test_firmware("atmega2560", "E2E Mega", size=140 * 1024)
+    path: Path = build_test_firmware("atmega2560", "E2E-Mega", size=140 * 1024)
     return path
 
 

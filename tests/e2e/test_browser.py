@@ -63,7 +63,7 @@ def page(
 def shot(page: Any, name: str) -> Path:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), animations="disabled")
     return path
 
 
@@ -76,6 +76,10 @@ def open_flasher_settings(page: Any, server: OctoPrintServer) -> None:
     page.wait_for_selector("#navbar_show_settings", state="visible")
     page.click("#navbar_show_settings")
     page.wait_for_selector("#settings_dialog", state="visible")
+    # Bootstrap fades the dialog in; clicks and screenshots during the fade hit the page below
+    page.wait_for_function(
+        "getComputedStyle(document.querySelector('#settings_dialog')).opacity === '1'"
+    )
     page.click("#settings_plugin_flasher_link a")
     page.wait_for_selector("#settings_plugin_flasher", state="visible")
 

@@ -1,17 +1,19 @@
 """The whole flash, as OctoPrint users get it: a real server, the plugin, a simulated ATmega1284P
 printer running real optiboot on a pty, driven only through HTTP and the push socket.
 
-The printer starts with the firmware "E2E Old"; after the flash it must be Operational again
+The printer starts with the firmware "E2E-Old"; after the flash it must be Operational again
 and answer M115 with the new firmware's name, which only happens if the new image was really
 written (the old name lives in the flash being overwritten).
 """
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
+from intelhex import IntelHex
 
 from tests.e2e.conftest import Client, SimPrinter, SocketCollector
 
@@ -64,13 +66,13 @@ def test_upload_describes_the_image_and_passes_preflight(
     assert image["start"] == 0
     assert 3 * 1024 <= image["size"] <= 5 * 1024, image
     assert image["end"] == image["start"] + image["size"]
-    assert len(image["sha256"]) == 64 and int(image["sha256"], 16) >= 0
+    assert image["sha256"] == hashlib.sha256(new_firmware.read_bytes()).hexdigest()
     assert image["segments"], image
     assert body["preflight"]["ok"] is True, body["preflight"]
     assert body["preflight"]["errors"] == []
 
 
-def test_flash_over_http_reports_progress_and_printer_returns_with_new_firmware(
+def test_flash_over_http_reports_progress_and_writes_the_board(
     admin: Client, admin_socket: SocketCollector, printer: SimPrinter, new_firmware: Path
 ) -> None:
     admin.wait_idle(timeout=120)
@@ -99,6 +101,7 @@ def test_flash_over_http_reports_progress_and_printer_returns_with_new_firmware(
 
     status = admin.wait_idle(timeout=60)
     assert status["result"]["ok"] is True, status
+    assert status["result"]["bytes_verified"] >= image["size"], status["result"]
     assert status["progress"]["percent"] == 100, status["progress"]
     assert status["image"]["sha256"] == image["sha256"]
 
@@ -107,13 +110,28 @@ def test_flash_over_http_reports_progress_and_printer_returns_with_new_firmware(
     assert "plugin_flasher_flash_done" in events, events
     assert "plugin_flasher_flash_failed" not in events, events
 
-    # the plugin gave the port back: OctoPrint reconnected to the board by itself
-    admin.wait_printer_state("Operational", timeout=60)
-    firmware_name(admin, admin_socket, f"Flasher Test Firmware {printer.new_name}")
+    # the chip really holds the new image (read from the simulator, not from the plugin)
+    expected = IntelHex(str(new_firmware)).tobinstr()
+    assert printer.board.flash_dump()[: len(expected)] == expected
 
     # and the flash is on record with the image that was written
     r = admin.get("plugin/flasher/history")
     assert r.status_code == 200, r.text
-    history = r.json()
-    assert any(image["sha256"] in repr(record) for record in history["history"]), history
-    assert any(kept.get("sha256") == image["sha256"] for kept in history["images"]), history
+    records = [h for h in r.json()["history"] if h.get("sha256") == image["sha256"]]
+    assert records, r.json()["history"]
+    newest = records[0]
+    assert newest["filename"] == new_firmware.name
+    assert newest["result"] == "success", newest
+    assert "1284" in str(newest.get("chip")), newest
+
+
+def test_printer_is_operational_after_the_flash_and_runs_the_new_firmware(
+    admin: Client, admin_socket: SocketCollector, printer: SimPrinter
+) -> None:
+    """The plugin disconnected OctoPrint for the flash; it must give the port back and
+    reconnect by itself, and the printer must now be the new firmware."""
+    status = admin.wait_idle(timeout=120)
+    assert status["result"] is not None and status["result"]["ok"] is True, status
+    assert status["result"]["reconnected"] is True, status["result"]
+    admin.wait_printer_state("Operational", timeout=30)
+    firmware_name(admin, admin_socket, f"Flasher Test Firmware {printer.new_name}")
