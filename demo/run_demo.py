@@ -7,7 +7,7 @@ Run through ``scripts/demo.sh`` (which installs everything first). It
    online checks, the pty ``/tmp/ttyFLASHER0`` as an extra port, autoconnect to it) with an
    ``admin`` user whose fresh password it prints,
 3. starts the simulated printer — an ATmega1284P running real optiboot and the test firmware
-   "Demo 1" on the pty; OctoPrint's connect resets it as DTR would,
+   "Demo-1" on the pty; OctoPrint's connect resets it as DTR would,
 4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device and
    an emulated Katapult CAN node,
 5. writes sample firmware files to ``demo-data/samples/``,
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import http.client
 import os
 import secrets
 import shutil
@@ -101,7 +102,7 @@ def make_samples(folder: Path) -> dict[str, Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     samples = {
-        "printer (ATmega1284P, new test firmware 'Demo 2')": folder
+        "printer (ATmega1284P, new test firmware 'Demo-2')": folder
         / "printer-demo2-atmega1284p.hex",
         "STM32F446 DFU device (Klipper-like .bin at 0x08000000)": folder
         / "klipper-stm32f446-dfu.bin",
@@ -111,7 +112,7 @@ def make_samples(folder: Path) -> dict[str, Path]:
         / "wrong-chip-atmega2560.hex",
     }
     paths = list(samples.values())
-    shutil.copy(build_test_firmware("atmega1284p", "Demo 2"), paths[0])
+    shutil.copy(build_test_firmware("atmega1284p", "Demo-2"), paths[0])
     paths[1].write_bytes(
         klipper_firmware.make_klipper_bin(
             mcu="stm32f446xx",
@@ -122,7 +123,8 @@ def make_samples(folder: Path) -> dict[str, Path]:
         )
     )
     paths[2].write_bytes(klipper_firmware.make_klipper_bin())
-    shutil.copy(build_test_firmware("atmega2560", "Wrong Chip"), paths[3])
+    # bigger than the whole ATmega1284P: refused whatever the page knows about the board
+    shutil.copy(build_test_firmware("atmega2560", "Wrong-Chip", size=136 * 1024), paths[3])
     return samples
 
 
@@ -135,7 +137,7 @@ def wait_online(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) ->
             with urllib.request.urlopen(url + "/online.txt", timeout=2) as answer:
                 if answer.status == 200:
                     return
-        except (urllib.error.URLError, OSError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException):
             pass
         time.sleep(0.5)
     raise SystemExit(f"OctoPrint did not answer on {url} within {timeout:.0f} s.")
@@ -185,7 +187,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"== starting the simulated printer on {args.port_link}", flush=True)
         board = SimBoard(
             BOARD_CONFIG,
-            app_hex=build_test_firmware("atmega1284p", "Demo 1"),
+            app_hex=build_test_firmware("atmega1284p", "Demo-1"),
             port_link=args.port_link,
         )
         board.start()
@@ -240,7 +242,7 @@ def print_banner(
     print(f"OctoPrint with the Firmware Updater is running: {url}")
     print(f"  user: admin    password: {password}")
     print("  then: Settings (wrench) -> Firmware Updater")
-    print(f"  simulated printer: ATmega1284P + optiboot on {port_link} (firmware 'Demo 1')")
+    print(f"  simulated printer: ATmega1284P + optiboot on {port_link} (firmware 'Demo-1')")
     print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo'")
     print("Sample firmware files:")
     for what, path in samples.items():

@@ -522,7 +522,12 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
             )
         except FlashError as exc:
             return error_response(exc, status_for(exc))
-        devices = [_jsonable(d.to_dict()) for d in found]
+        printer_port = self._printer.get_current_connection()[1]
+        devices = []
+        for device in found:
+            data = _jsonable(device.to_dict())
+            data["printer"] = bool(printer_port and device.port == printer_port)
+            devices.append(data)
         warnings = [str(w) for w in found.warnings]
         return flask.jsonify({"devices": devices, "warnings": warnings})
 

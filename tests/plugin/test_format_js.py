@@ -98,11 +98,13 @@ def test_device_labels_name_port_description_usb_id_and_chip() -> None:
             "serial": "F.deviceLabel({id: 'a', port: '/dev/ttyUSB0', description: 'CH340',"
             " usb_id: '1a86:7523', chip: null})",
             "can": "F.deviceLabel({id: 'c', uuid: '0e2f3a4b5c6d', description: 'Katapult'})",
+            "printer": "F.deviceLabel({id: 'p', port: '/tmp/ttyFLASHER0', printer: true})",
         }
     )
     assert got == {
         "serial": "/dev/ttyUSB0 · CH340 · [1a86:7523]",
         "can": "0e2f3a4b5c6d · Katapult",
+        "printer": "/tmp/ttyFLASHER0 ← printer",
     }
 
 

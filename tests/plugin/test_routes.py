@@ -300,8 +300,17 @@ def test_devices_lists_octoprints_additional_ports(harness: Harness, tmp_path: P
     assert r.status_code == 200
     body = r.get_json()
     assert set(body) == {"devices", "warnings"}
-    ports = [d["port"] for d in body["devices"]]
-    assert str(pty) in ports
+    (device,) = [d for d in body["devices"] if d["port"] == str(pty)]
+    assert device["printer"] is False
+
+
+def test_devices_marks_the_port_octoprint_is_connected_to(harness: Harness, tmp_path: Path) -> None:
+    pty = tmp_path / "ttyFLASHER0"
+    pty.write_text("")
+    harness.printer.port = str(pty)
+    harness.settings.values["extra_port_globs"] = [str(pty)]
+    devices = harness.client.get("/plugin/flasher/devices").get_json()["devices"]
+    assert [d["port"] for d in devices if d["printer"]] == [str(pty)]
 
 
 def test_devices_refuses_probing_while_printing(harness: Harness) -> None:

@@ -158,7 +158,7 @@ $(function () {
             });
         };
         self.deviceLabel = function (d) {
-            return F.deviceLabel(d);
+            return F.deviceLabel(d, gettext("the printer"));
         };
         self.stageLabel = function (name) {
             var labels = {
@@ -222,10 +222,15 @@ $(function () {
                     if (keep && self.findDevice(keep)) {
                         self.selectedDevice(keep);
                     } else {
+                        // the printer OctoPrint talks to, else the port flashed last time
                         var last = self.settingValue("last_port");
-                        var match = _.find(self.devices(), function (d) {
-                            return last && d.port === last;
-                        });
+                        var match =
+                            _.find(self.devices(), function (d) {
+                                return d.printer;
+                            }) ||
+                            _.find(self.devices(), function (d) {
+                                return last && d.port === last;
+                            });
                         if (match) self.selectedDevice(match.id);
                     }
                 })

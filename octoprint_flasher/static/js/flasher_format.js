@@ -75,14 +75,15 @@
         return null;
     }
 
-    function deviceLabel(device) {
+    function deviceLabel(device, printerWord) {
         if (!device) return "";
         var where = device.port || device.usb_path || device.uuid || device.id;
         var parts = [where];
         if (device.description) parts.push(device.description);
         if (device.usb_id && device.usb_id !== "") parts.push("[" + device.usb_id + "]");
         if (device.chip) parts.push(device.chip);
-        return parts.join(" · ");
+        var label = parts.join(" · ");
+        return device.printer ? label + " \u2190 " + (printerWord || "printer") : label;
     }
 
     function timeText(value) {
