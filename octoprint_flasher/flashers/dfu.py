@@ -301,7 +301,6 @@ class DfuFlasher(Flasher):
             return ""
         first_start, _ = sectors[0]
         try:
-            session.read(image.start, 8)  # read-out protection shows up here, before any erase
             if self.target.options.get("mass_erase"):
                 head = session.read(layout.start, 8)
                 if image.start > layout.start and head != b"\xff" * 8:

@@ -631,10 +631,23 @@ class DfuSession:
         what: str,
         deadline_s: Optional[float] = None,
         stuck_quirk: bool = False,
+        retries: int = 2,
     ) -> DfuStatus:
-        self.dnload(0, payload)
+        """Send a DfuSe command and wait for it. Every command is idempotent (set address,
+        erase), so a request lost to a stall or timeout is sent again after recovery."""
         limit = self.timeouts.seconds(self.timeouts.command_s) if deadline_s is None else deadline_s
-        return self.poll(what, limit, stuck_quirk)
+        attempt = 0
+        while True:
+            try:
+                self.dnload(0, payload)
+                return self.poll(what, limit, stuck_quirk)
+            except Exception as exc:
+                attempt += 1
+                if not is_usb_error(exc) or is_gone(exc) or attempt > retries:
+                    raise
+                self._refused(what)
+                self.log(f"dfu: retrying {what.lower()} after: {exc}")
+                self.recover()
 
     def set_address(self, address: int) -> None:
         self.command(cmd_set_address(address), f"Setting the address to 0x{address:08X}")

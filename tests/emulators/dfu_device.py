@@ -44,9 +44,19 @@ def control_wire_bytes(data_len: int) -> int:
 
 
 def control_frames(data_len: int) -> int:
-    """Frames one control transfer occupies: it starts on a frame boundary and the host sees it
-    complete at the end of the frame carrying its status stage."""
+    """Frames one control transfer spans when it starts on a frame boundary."""
     return max(1, math.ceil(control_wire_bytes(data_len) / FRAME_BUDGET))
+
+
+def control_done_at(now: float, data_len: int) -> float:
+    """When the host sees a control transfer submitted at ``now`` complete.
+
+    Its packets go out as soon as it is submitted, at the wire rate that the frame budget
+    allows; like an OHCI/UHCI host controller, completion is reported at the end of the frame
+    that carried the status stage. So back-to-back transfers cost at least a frame each.
+    """
+    wire = control_wire_bytes(data_len) / FRAME_BUDGET * FRAME_S
+    return math.ceil((now + wire) / FRAME_S - 1e-9) * FRAME_S
 
 
 def wire_seconds(data_len: int) -> float:
@@ -317,9 +327,7 @@ class EmulatedDfuDevice:
             self._sleep(delay)
 
     def _bus(self, data_len: int) -> None:
-        now = self._model_now()
-        start = math.ceil(now / FRAME_S - 1e-9) * FRAME_S
-        self._wait_until_model(start + control_frames(data_len) * FRAME_S)
+        self._wait_until_model(control_done_at(self._model_now(), data_len))
 
     def _tick(self) -> None:
         if self.mode == "gone" and self._reappear_at is not None:

@@ -1,0 +1,243 @@
+"""DFU flashing speed against the emulated STM32 ROM running in real time.
+
+For each case the table compares our full flash (erase touched sectors, write, read-back
+verify) with the device bound — the time the chip and the USB link need no matter how clever
+the host is: touched-sector erase + flash-word programming + the image's bytes moved down and
+back up at full-speed USB (64-byte packets, 1 ms frames) — and with a pydfu-like strategy
+(mass erase, then SET_ADDRESS + DNLOAD for every chunk, no verify) built on the same protocol
+layer. A quick re-flash of the identical image shows what reading before erasing saves.
+
+Times are the emulator's datasheet-typical figures (see tests/emulators/dfu_device.py), not
+measurements of real silicon. Run: ``.venv/bin/python bench/bench_dfu.py`` (about a minute;
+holds the machine-wide real-time lock).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import math
+import os
+import platform
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from contextlib import contextmanager  # noqa: E402
+
+from octoprint_flasher.firmware import FirmwareImage, Segment  # noqa: E402
+from octoprint_flasher.flashers.dfu import DfuFlasher  # noqa: E402
+from octoprint_flasher.protocols.dfuse import DfuSession, Timeouts  # noqa: E402
+from octoprint_flasher.target import Target  # noqa: E402
+from tests.emulators.dfu_device import (  # noqa: E402
+    MODELS,
+    ChipModel,
+    DfuBackend,
+    EmulatedDfuDevice,
+    control_frames,
+    wire_seconds,
+)
+
+LOCK = Path(os.environ.get("FLASHER_REALTIME_LOCK", "/tmp/octoprint-flasher-realtime.lock"))
+KIB = 1024
+
+
+@contextmanager
+def realtime_lock() -> Iterator[None]:
+    LOCK.touch(exist_ok=True)
+    with LOCK.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@dataclass
+class Case:
+    model: str
+    address: int
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.model}, {self.size // KIB} KiB at 0x{self.address:08X}"
+
+
+def image_bytes(address: int, size: int, seed: int = 7) -> bytes:
+    """Klipper-like: a vector table linked for ``address`` then incompressible code."""
+    head = struct.pack("<II", 0x20001000, address + 0x201)
+    return head + os.urandom(size - len(head)) if seed else head
+
+
+def board(model: ChipModel, bootloader: int) -> tuple[DfuBackend, EmulatedDfuDevice]:
+    dev = EmulatedDfuDevice(model, time_scale=1.0)
+    if bootloader:
+        dev.install_bootloader(bootloader)
+    return DfuBackend([dev]), dev
+
+
+def device_bound(model: ChipModel, address: int, size: int) -> tuple[float, float, float, float]:
+    """(erase, program, transfer, total) seconds the device itself needs."""
+    end = address + size
+    erase = 0.0
+    for start, sector, count in model.sectors:
+        for i in range(count):
+            s = start + i * sector
+            if s < end and s + sector > address:
+                erase += model.erase_s[sector]
+    padded = math.ceil(size / 32) * 32
+    program = padded / model.flash_word * model.program_word_s
+    transfer = 2 * wire_seconds(padded)  # down, and back up for the verify
+    return erase, program, transfer, erase + program + transfer
+
+
+def protocol_floor(model: ChipModel, address: int, size: int) -> float:
+    """The fastest any host that honours bwPollTimeout can be on this device: every control
+    transfer costs at least one 1 ms frame (completion is reported at frame end), each command
+    waits max(bwPollTimeout, operation time), verify reads every byte back."""
+    frame = 0.001
+
+    def xfer(n: int) -> float:
+        return control_frames(n) * frame
+
+    def op(poll_ms: int, seconds: float) -> float:
+        # DNLOAD, first GETSTATUS (starts it), wait, second GETSTATUS
+        return 2 * frame + max(poll_ms / 1000.0, seconds) + frame
+
+    end = address + size
+    total = op(model.set_address_poll_ms, 0.0)  # one SET_ADDRESS for the write run
+    for start, sector, count in model.sectors:
+        for i in range(count):
+            s = start + i * sector
+            if s < end and s + sector > address:
+                total += op(model.erase_poll_ms, model.erase_s[sector])
+    padded = math.ceil(size / 32) * 32
+    chunk = model.transfer_size
+    for pos in range(0, padded, chunk):
+        n = min(chunk, padded - pos)
+        program = math.ceil(n / model.flash_word) * model.program_word_s
+        total += xfer(n) - frame + op(model.write_poll_ms, program)
+    total += op(model.set_address_poll_ms, 0.0) + 2 * frame  # verify: SET_ADDRESS, 2 ABORTs
+    for pos in range(0, padded, chunk):
+        total += xfer(min(chunk, padded - pos))
+    return total
+
+
+def ours(case: Case) -> tuple[float, float, int]:
+    """First flash and quick re-flash of the same image; returns (first, quick, skipped)."""
+    model = MODELS[case.model]
+    backend, dev = board(model, case.address - model.flash_start)
+    data = image_bytes(case.address, case.size)
+    image = FirmwareImage([Segment(case.address, data)], "bench.bin", "bin")
+    flasher = DfuFlasher(Target(method="dfu", usb_backend=backend), None)
+    flasher.identify()
+    t0 = time.monotonic()
+    flasher.flash(image)
+    first = time.monotonic() - t0
+    assert dev.read_flash(case.address, len(data)) == data
+    t0 = time.monotonic()
+    result = flasher.flash(image, quick=True)
+    quick = time.monotonic() - t0
+    flasher.close()
+    return first, quick, result.blocks_skipped
+
+
+def pydfu_like(case: Case) -> float:
+    """Mass erase, then SET_ADDRESS + DNLOAD(2) per chunk, no read-back (as pydfu does)."""
+    import usb.core
+
+    model = MODELS[case.model]
+    backend, dev = board(model, 0)
+    data = image_bytes(case.address, case.size)
+    usb_dev = usb.core.find(backend=backend, idVendor=0x0483, idProduct=0xDF11)
+    usb_dev.set_interface_altsetting(0, 0)
+    session = DfuSession(usb_dev, 0, model.transfer_size, Timeouts())
+    session.recover()
+    padded = data + b"\xff" * (-len(data) % 32)
+    t0 = time.monotonic()
+    session.mass_erase()
+    size = model.transfer_size
+    for pos in range(0, len(padded), size):
+        session.set_address(case.address + pos)
+        session.dnload(2, padded[pos : pos + size])
+        session.poll("write", 5.0)
+    elapsed = time.monotonic() - t0
+    assert dev.read_flash(case.address, len(data)) == data
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "dfu.md")
+    args = parser.parse_args()
+    cases = [
+        Case("STM32H723", 0x08020000, 40 * KIB),
+        Case("STM32F446", 0x08008000, 40 * KIB),
+        Case("STM32F446", 0x08008000, 400 * KIB),
+    ]
+    rows = []
+    with realtime_lock():
+        for case in cases:
+            model = MODELS[case.model]
+            erase, program, transfer, bound = device_bound(model, case.address, case.size)
+            floor = protocol_floor(model, case.address, case.size)
+            first, quick, skipped = ours(case)
+            mass = pydfu_like(case)
+            rows.append((case, erase, program, transfer, bound, floor, first, quick, skipped, mass))
+            print(
+                f"{case.label}: ours {first:.3f} s (bound {bound:.3f} s, x{first / bound:.3f}; "
+                f"protocol floor {floor:.3f} s, x{first / floor:.3f}); quick {quick:.3f} s "
+                f"(x{first / quick:.1f} faster); pydfu-like {mass:.3f} s",
+                flush=True,
+            )
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [
+        "# DFU flashing benchmark (emulated STM32 ROM, real-time model)",
+        "",
+        f"Command: `.venv/bin/python bench/bench_dfu.py` — {stamp}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} CPUs (shared with other jobs).",
+        "",
+        "Device bound = erase of the touched sectors + flash-word programming + the image moved "
+        "down and read back up at USB full speed (64-byte packets, 1350 usable bytes per 1 ms "
+        "frame). Chip times are datasheet-typical figures in the emulator (F4: 16/64/128 KiB "
+        "sector 0.25/0.55/1.0 s, 16 µs per 32-bit word, mass erase 8 s; H723: 128 KiB sector "
+        "1.0 s, 100 µs per 256-bit word, mass erase 8 s), not measurements of real silicon. "
+        "`ours` is a full flash: preflight reads, erase, write, read-back verify of every byte. "
+        "`pydfu-like` is mass erase + SET_ADDRESS/DNLOAD per chunk with no verify, on the same "
+        "protocol layer (it also wipes the bootloader, which ours never does). The protocol "
+        "floor is the fastest any host honouring the device's bwPollTimeout can be (reported "
+        "poll times: 5 ms per write/SET_ADDRESS as an STM32F745 ROM log shows, 100 ms per erase "
+        "as an F405 reports; each control transfer completes at the end of a 1 ms frame).",
+        "",
+        "| case | erase | program | transfer | device bound | protocol floor | ours "
+        "| ours / bound | ours / floor | pydfu-like | quick re-flash (identical) "
+        "| first / quick |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for case, erase, program, transfer, bound, floor, first, quick, skipped, mass in rows:
+        lines.append(
+            f"| {case.label} | {erase:.3f} s | {program:.3f} s | {transfer:.3f} s | {bound:.3f} s "
+            f"| {floor:.3f} s | {first:.3f} s | {first / bound:.3f} | {first / floor:.3f} "
+            f"| {mass:.3f} s | {quick:.3f} s ({skipped} sectors unchanged) "
+            f"| {first / quick:.1f}× |"
+        )
+    lines += [
+        "",
+        "Targets: ours ≤ 1.1 × device bound; identical re-flash ≥ 5 × faster than the first.",
+        "",
+    ]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines), encoding="utf-8")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
