@@ -66,13 +66,13 @@ class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPl
 
 
 def _dfu_backend() -> Any:
-    """An STM32F446 in its ROM bootloader that comes back in DFU mode after every flash,
-    as a board with the BOOT0 jumper set does, so the demo can flash it again and again."""
+    """An STM32F446 waiting in its ROM bootloader (BOOT0 held at power-up). After a flash it
+    starts the new application and leaves the DFU list, as a real board does once the BOOT0
+    jumper is removed; restart the demo to flash it again."""
     from tests.emulators import dfu_device
 
-    faults = dfu_device.Faults(boot0_held=True)
     scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
-    device = dfu_device.EmulatedDfuDevice(dfu_device.F446, time_scale=scale, faults=faults)
+    device = dfu_device.EmulatedDfuDevice(dfu_device.F446, time_scale=scale)
     return dfu_device.DfuBackend([device])
 
 

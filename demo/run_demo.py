@@ -26,6 +26,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,6 +129,29 @@ def make_samples(folder: Path) -> dict[str, Path]:
     return samples
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail early and clearly: OctoPrint would die on a busy port and start the next run in
+    safe mode (without our plugin)."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise SystemExit(
+                f"Port {port} on {host} is in use ({exc.strerror}); stop whatever uses it or "
+                f"run ./scripts/demo.sh --port <another port>."
+            ) from None
+
+
+def clear_stale_startup_flag(basedir: Path) -> None:
+    """An interrupted earlier start leaves OctoPrint's flag that starts it in safe mode, which
+    disables third-party plugins — the Firmware Updater among them."""
+    flag = basedir / ".incomplete_startup"
+    if flag.exists():
+        print("   (an earlier start was interrupted: clearing OctoPrint's safe-mode flag)")
+        flag.unlink()
+
+
 def wait_online(url: str, proc: subprocess.Popen[bytes], timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -169,6 +193,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     print("== building the simulated boards (cached after the first run)", flush=True)
     build_all()
+    check_port_free(args.host, args.port)
     basedir = args.data / "octoprint"
     password = prepare_basedir(basedir, args.port_link)
     samples = make_samples(args.data / "samples")
@@ -191,6 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             port_link=args.port_link,
         )
         board.start()
+        clear_stale_startup_flag(basedir)
         env = dict(os.environ, FLASHER_REPO=str(REPO), PYTHONUNBUFFERED="1")
         url = f"http://{args.host}:{args.port}"
         print(f"== starting OctoPrint on {url}", flush=True)

@@ -175,9 +175,9 @@ if HAVE_OCTOPRINT:
         def handle_connect(self, printer: Any, *args: Any, **kwargs: Any) -> bool:
             """Veto OctoPrint connecting while a flash holds the port (True = handled/blocked)."""
             if self._host is not None and self._host.veto_connect():
-                self._logger.warning(
-                    "Refusing a printer connection while firmware is being flashed."
-                )
+                line = "Refused a printer connection: firmware is being flashed on that port."
+                self._logger.warning(line)
+                self._console_line(line)
                 return True
             return False
 

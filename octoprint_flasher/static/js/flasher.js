@@ -63,6 +63,7 @@ $(function () {
         self.history = ko.observableArray([]);
         self.confirmText = ko.observableArray([]);
         self.confirmVisible = ko.observable(false);
+        self.confirmDanger = ko.observable(false);
         self._confirmAction = null;
 
         self.maxBytes = function () {
@@ -326,28 +327,39 @@ $(function () {
         );
 
         // -- flash
+        // every flash is confirmed: it disconnects the printer and rewrites the board
         self.flash = function () {
             if (!self.canFlash()) return;
-            var reasons = [];
             var p = self.preflight();
+            var t = self.target();
+            var lines = [
+                _.sprintf(gettext("Flash %(file)s to %(target)s?"), {
+                    file: self.image().filename,
+                    target: t.port || t.uuid || t.usb || t.usb_path || t.method
+                }),
+                gettext(
+                    "The printer is disconnected while flashing and reconnected afterwards."
+                )
+            ];
             _.each(p.warnings || [], function (w) {
-                reasons.push(w);
+                lines.push(gettext("Warning:") + " " + w);
             });
             if (self.allowBootloader()) {
-                reasons.push(
+                lines.push(
                     gettext(
                         "You allowed writing over the bootloader: if this image is wrong, " +
                             "the board needs an ISP programmer to recover."
                     )
                 );
             }
-            if (reasons.length) {
-                self.askConfirm(reasons, function () {
+            var danger = !!(p.warnings && p.warnings.length) || self.allowBootloader();
+            self.askConfirm(
+                lines,
+                function () {
                     self.startFlash(true);
-                });
-            } else {
-                self.startFlash(false);
-            }
+                },
+                danger
+            );
         };
         self.startFlash = function (confirmed) {
             self.clearHttpError();
@@ -381,8 +393,9 @@ $(function () {
         };
 
         // -- confirmation
-        self.askConfirm = function (lines, action) {
+        self.askConfirm = function (lines, action, danger) {
             self.confirmText(lines);
+            self.confirmDanger(!!danger);
             self._confirmAction = action;
             self.confirmVisible(true);
         };
@@ -466,7 +479,7 @@ $(function () {
             if (!self.mayFlash()) return;
             $.ajax({url: self.base + "history", type: "GET", dataType: "json"})
                 .done(function (data) {
-                    self.history((data.history || []).slice().reverse());
+                    self.history(data.history || []); // newest first
                 })
                 .fail(function (xhr) {
                     self.showHttpError(gettext("History"), xhr);
