@@ -293,7 +293,8 @@ class DfuFlasher(Flasher):
 
         An existing bootloader is non-0xFF data below the image inside a sector the image
         erases, or a vector table at the flash start whose reset handler lies below the usual
-        application start while another vector table sits at that application start.
+        application start, with either another vector table at that application start or
+        erased flash just below it (a no-bootloader build would run straight through).
         """
         session, layout = self.session, self.layout
         assert session is not None and layout is not None
@@ -326,6 +327,8 @@ class DfuFlasher(Flasher):
             if not reset < app:
                 return ""
             app_head = session.read(app, 8)
+            # a no-bootloader build runs straight through the usual application start
+            before_app = session.read(app - 8, 8)
         except DfuStatusError as exc:
             if exc.status.status == Status.ERR_VENDOR and self.target.options.get("unprotect"):
                 self.log("dfu: read-protected; unprotect was requested, so everything goes")
@@ -333,7 +336,10 @@ class DfuFlasher(Flasher):
             raise self._explain(exc, "checking for a bootloader") from exc
         except Exception as exc:
             raise self._explain(exc, "checking for a bootloader") from exc
-        if _plausible_vectors(app_head, layout.start, layout.end) or image.start == layout.start:
+        app_behind = _plausible_vectors(app_head, layout.start, layout.end)
+        if not app_behind and before_app != b"\xff" * 8:
+            return ""
+        if app_behind or image.start == layout.start:
             size = app - layout.start
             return (
                 f"The image starts at 0x{image.start:08X} and would erase the board's "

@@ -338,3 +338,12 @@ class TestReading:
     def test_empty_application_area(self, f446: Board) -> None:
         backup = f446.flasher().read()
         assert backup.segments == [] and "empty" in backup.notes[0]
+
+
+def test_reflashing_a_no_bootloader_build_is_not_mistaken_for_a_bootloader() -> None:
+    board = make_board("STM32F446")
+    old = klipper_like(0x08000000, 48 * K, seed=2)  # runs through 0x08008000
+    board.dev.load_flash(0x08000000, old)
+    new = klipper_like(0x08000000, 48 * K, seed=3)
+    board.flasher(address=0x08000000).flash(bin_image(new))
+    assert board.dev.read_flash(0x08000000, len(new)) == new

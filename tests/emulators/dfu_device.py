@@ -285,11 +285,14 @@ class EmulatedDfuDevice:
         self.flash[off : off + len(data)] = data
 
     def install_bootloader(self, size: int) -> bytes:
-        """A plausible bootloader image in the first ``size`` bytes: a vector table whose reset
-        handler points inside it, followed by code-like bytes."""
+        """A plausible bootloader in a ``size``-byte region: a vector table whose reset handler
+        points inside it and code-like bytes filling about three quarters of the region, the
+        rest erased (as a 20-odd KiB BTT bootloader sits in its 32 KiB)."""
         sp = self.model.ram[0] + 0x8000
         reset = self.model.flash_start + 0x1C1
-        body = struct.pack("<II", sp, reset) + bytes((i * 7 + 3) & 0xFF for i in range(size - 8))
+        used = size * 3 // 4
+        code = bytes((i * 7 + 3) & 0xFF for i in range(used - 8))
+        body = struct.pack("<II", sp, reset) + code + b"\xff" * (size - used)
         self.load_flash(self.model.flash_start, body)
         return body
 
