@@ -692,7 +692,7 @@ class DfuSession:
 
         One SET_ADDRESS starts a run of full-size blocks numbered 2, 3, …; a short block gets its
         own SET_ADDRESS with block 2 so the ROM's block-size arithmetic never matters. A stalled
-        chunk is retried from a fresh SET_ADDRESS.
+        or timed-out chunk is retried from a fresh SET_ADDRESS.
         """
         size = self.transfer_size
         pos = 0
@@ -714,16 +714,31 @@ class DfuSession:
                         self.timeouts.seconds(self.timeouts.command_s),
                     )
                     break
-                except Exception as exc:
-                    attempt += 1
-                    retryable = (is_usb_error(exc) and not is_gone(exc)) or (
-                        isinstance(exc, DfuStatusError)
-                        and exc.status.status in (Status.ERR_STALLEDPKT, Status.ERR_UNKNOWN)
-                    )
-                    if not retryable or attempt > retries:
+                except DfuStatusError as exc:
+                    code = exc.status.status
+                    if attempt > 0 and code in (Status.ERR_PROG, Status.ERR_WRITE):
+                        # the first attempt reached the flash and only its status was lost:
+                        # flash words cannot be programmed twice, so accept what reads back equal
+                        self.clear_status()
+                        run_base = None
+                        if self.read(addr, len(chunk)) == chunk:
+                            self.log(f"dfu: chunk at 0x{addr:08X} was already written")
+                            break
                         raise
-                    if is_usb_error(exc):
-                        self._refused(f"Writing at 0x{addr:08X}")
+                    if (
+                        code not in (Status.ERR_STALLEDPKT, Status.ERR_UNKNOWN)
+                        or attempt >= retries
+                    ):
+                        raise
+                    attempt += 1
+                    self.log(f"dfu: retrying chunk at 0x{addr:08X} after: {exc}")
+                    run_base = None
+                    self.recover()
+                except Exception as exc:
+                    if not is_usb_error(exc) or is_gone(exc) or attempt >= retries:
+                        raise
+                    attempt += 1
+                    self._refused(f"Writing at 0x{addr:08X}")
                     self.log(f"dfu: retrying chunk at 0x{addr:08X} after: {exc}")
                     run_base = None
                     self.recover()

@@ -218,6 +218,13 @@ class TestFaults:
         with pytest.raises(ConnectError, match="stopped answering"):
             f446.flasher().flash(bin_image(data))
 
+    def test_chunk_that_arrived_but_lost_its_ack_is_not_written_twice(self, h723: Board) -> None:
+        h723.dev.faults.lost_ack_at = 0x08020000 + 3 * 1024
+        data = klipper_like(0x08020000, 8 * K)
+        h723.flasher().flash(bin_image(data))
+        assert h723.dev.read_flash(0x08020000, len(data)) == data
+        assert any("0x08020C00 was already written" in line for line in h723.log)
+
     def test_h7_stuck_busy_erase_is_cleared_and_verified(self, h723: Board) -> None:
         h723.dev.faults.stuck_busy_on_erase = True
         data = klipper_like(0x08020000, 4 * K)

@@ -210,6 +210,7 @@ class Faults:
     busy_mode: str = "block"  # "block": GETSTATUS waits while busy; "answer": answers DNBUSY
     leave_error: Optional[int] = None  # errno raised by the leave DNLOAD instead of dfuMANIFEST
     weak_bit_at: Optional[int] = None  # a flash cell that reads back with bit 0 flipped
+    lost_ack_at: Optional[int] = None  # the data DNLOAD for this address arrives, its ACK is lost
 
 
 class _Desc:
@@ -498,6 +499,9 @@ class EmulatedDfuDevice:
                 )
             self.pending = (value, payload)
             self.state = DNLOAD_SYNC
+            if value >= 2 and self.faults.lost_ack_at == self._block_address(value):
+                self.faults.lost_ack_at = None
+                raise usb.core.USBTimeoutError("Operation timed out", -7, errno.ETIMEDOUT)
         elif req == 4:  # CLRSTATUS
             if self.state == DFU_ERROR:
                 self.state, self.status = DFU_IDLE, OK
