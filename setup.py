@@ -1,4 +1,4 @@
-"""Shim for setuptools < 77 and for tools that still call setup.py; metadata is in pyproject.toml."""
+"""Shim for setuptools < 77 and tools that still call setup.py; metadata: pyproject.toml."""
 
 import setuptools
 

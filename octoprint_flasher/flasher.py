@@ -120,7 +120,10 @@ class Flasher(abc.ABC):
         """Enter the bootloader if needed, talk to it and describe the chip."""
 
     def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
-        """Protocol-specific checks beyond :mod:`preflight`; raise PreflightError, return warnings."""
+        """Protocol-specific checks beyond :mod:`preflight`.
+
+        Raise PreflightError to refuse; return warnings to show.
+        """
         return []
 
     @abc.abstractmethod
@@ -143,7 +146,7 @@ class Flasher(abc.ABC):
     def leave(self) -> None:
         """Leave the bootloader and start the application."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, most flashers need nothing
         """Release the transport. Safe to call twice."""
 
     def __enter__(self) -> Flasher:

@@ -11,7 +11,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 BUILD = REPO / "build"
-REALTIME_LOCK = Path(os.environ.get("FLASHER_REALTIME_LOCK", "/tmp/octoprint-flasher-realtime.lock"))
+REALTIME_LOCK = Path(
+    os.environ.get("FLASHER_REALTIME_LOCK", "/tmp/octoprint-flasher-realtime.lock")
+)
 
 
 @pytest.fixture
