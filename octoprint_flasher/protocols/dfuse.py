@@ -544,7 +544,14 @@ class DfuSession:
         """Bring the device to dfuIDLE: CLRSTATUS only in dfuERROR, ABORT from the idle states."""
         status: Optional[DfuStatus] = None
         for _ in range(attempts):
-            status = self.get_status()
+            try:
+                status = self.get_status()
+            except Exception as exc:
+                # a stalled request puts the device in dfuERROR; the next round clears it
+                if is_usb_error(exc) and is_stall(exc):
+                    self.log(f"dfu: GETSTATUS stalled while recovering ({exc})")
+                    continue
+                raise
             if status.state == State.DFU_IDLE:
                 return status
             self.log(f"dfu: recovering from {status.describe()}")
@@ -556,7 +563,12 @@ class DfuSession:
                 self.sleep(max(status.poll_timeout_ms, 1) / 1000.0)
             else:
                 self.abort()
-        assert status is not None
+        if status is None:
+            raise ProtocolError(
+                "The bootloader stalls every status request.",
+                cause="The device is not an STM32 DFU bootloader, or it is stuck.",
+                hint="Power-cycle the board with BOOT0 held high and try again.",
+            )
         raise DfuStatusError(
             "Bringing the bootloader to its idle state",
             status,

@@ -202,6 +202,14 @@ class TestFaults:
         assert f446.dev.read_flash(0x08008000, len(data)) == data
         assert any("retrying chunk at 0x08009800" in line for line in f446.log)
 
+    @pytest.mark.parametrize("request_code", [1, 2, 3, 6])
+    def test_one_stall_of_any_request_is_survived(self, f446: Board, request_code: int) -> None:
+        f446.dev.faults.stall = {request_code: 1}
+        data = klipper_like(0x08008000, 8 * K)
+        f446.flasher().flash(bin_image(data))
+        assert f446.dev.read_flash(0x08008000, len(data)) == data
+        assert f446.dev.faults.stall[request_code] == 0  # the stall really happened
+
     def test_always_stalling_device_fails_with_advice(self, f446: Board) -> None:
         f446.dev.faults.stall_write_block_at = 0x08008000
         f446.dev.faults.stall_write_count = -1
