@@ -424,7 +424,13 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
         try:
             target = target_from_json(values.get("target"), self.flasher_defaults())
             max_size = max_upload_bytes(self._settings.get(["max_upload_mb"]))
-            size = Path(values[path_key]).stat().st_size
+            try:
+                size = Path(values[path_key]).stat().st_size
+            except OSError as exc:
+                raise RequestError(
+                    f"The uploaded file could not be read ({exc.strerror}).",
+                    hint="Upload it again.",
+                ) from None
             if size > max_size:
                 raise ImageError(
                     f"The file is {size} bytes, more than the {max_size} bytes allowed.",

@@ -388,3 +388,29 @@ def test_remembered_targets_survive_a_restart(harness: Harness, hex_file: Path) 
     saved = json.loads((Path(harness.plugin._data_folder) / "targets.json").read_text())
     assert saved["images"][image_id]["port"] == "/dev/ttyUSB0"
     assert list(saved["records"].values())[0]["mcu"] == "atmega1284p"
+
+
+def test_upload_over_the_configured_limit_is_refused_before_parsing(
+    harness: Harness, tmp_path: Path
+) -> None:
+    harness.settings.values["max_upload_mb"] = 1
+    big = tmp_path / "huge.bin"
+    big.write_bytes(b"\xff" * (1024 * 1024 + 1))
+    r = harness.upload(big)
+    assert r.status_code == 400
+    assert "more than the 1048576 bytes allowed" in r.get_json()["error"]
+
+
+def test_status_mid_flash_lets_a_reloaded_page_resync(harness: Harness, hex_file: Path) -> None:
+    harness.board.gate = threading.Event()
+    image_id = _upload_ok(harness, hex_file)["image"]["id"]
+    harness.client.post("/plugin/flasher/flash", json={"image_id": image_id, "target": TARGET})
+    harness.wait_for("the job to disconnect", lambda: harness.printer.disconnects == 1)
+    status = harness.client.get("/plugin/flasher/status").get_json()
+    assert status["running"] is True
+    assert status["state"] not in ("idle", "done", "failed", "cancelled")
+    assert status["image"]["filename"] == "marlin.hex"
+    assert status["target"] == "/dev/ttyUSB0"
+    assert any("Flash job" in line for line in status["log"])
+    harness.board.gate.set()
+    harness.wait_idle()
