@@ -518,8 +518,9 @@ class DfuSession:
         )
         return bytes(raw)
 
-    def get_status(self) -> DfuStatus:
-        return DfuStatus.parse(self._in(DFU_GETSTATUS, 0, 6, self.timeouts.status_ms))
+    def get_status(self, timeout_ms: Optional[int] = None) -> DfuStatus:
+        """GETSTATUS; the ROM NAKs it while erasing, so the USB timeout must outlast the job."""
+        return DfuStatus.parse(self._in(DFU_GETSTATUS, 0, 6, timeout_ms or self.timeouts.status_ms))
 
     def get_state(self) -> int:
         raw = self._in(DFU_GETSTATE, 0, 1)
@@ -588,9 +589,10 @@ class DfuSession:
         stalls = 0
         last_timeout = 0
         first = True
+        usb_timeout = max(self.timeouts.status_ms, int(deadline_s * 1000) + 1000)
         while True:
             try:
-                status = self.get_status()
+                status = self.get_status(usb_timeout)
             except Exception as exc:
                 if is_usb_error(exc) and is_stall(exc) and last_timeout and stalls < 3:
                     stalls += 1
