@@ -400,11 +400,10 @@ def _report_result(result: JobResult, as_json: bool, out: TextIO, err: TextIO) -
     for w in result.warnings:
         print(f"warning: {w}", file=err)
     if result.ok:
-        rate = result.bytes_verified / result.duration if result.duration else 0.0
         skipped = f", {result.blocks_skipped} blocks unchanged" if result.blocks_skipped else ""
         print(
             f"{result.message} {result.bytes_verified} bytes verified in "
-            f"{result.duration:.1f} s ({_human_rate(rate)}){skipped}.",
+            f"{result.duration:.1f} s{skipped}.",
             file=out,
         )
         return EXIT_OK
