@@ -721,6 +721,7 @@ class _CanRunner:
         self.bus: Any = can.Bus(interface="virtual", channel=board.channel)
         self._stop = threading.Event()
         self._detached = False
+        self._clock_offset = time.perf_counter() - time.time()
         self.thread = threading.Thread(target=self._run, name="katapult-can-node", daemon=True)
 
     def start(self) -> None:
@@ -744,8 +745,10 @@ class _CanRunner:
             msg = self.bus.recv(0.002 if board.mode == "rebooting" else 0.02)
             if msg is None or msg.is_extended_id or msg.is_remote_frame:
                 continue
+            # the frame went on the wire when the host sent it (python-can stamps time.time())
+            sent = msg.timestamp + self._clock_offset if msg.timestamp else None
             with board.lock:
-                self._on_frame(msg.arbitration_id, bytes(msg.data))
+                self._on_frame(msg.arbitration_id, bytes(msg.data), sent)
         if self._detached:
             self.bus.shutdown()
 
@@ -783,13 +786,15 @@ class _CanRunner:
             self.bus.send(can.Message(arbitration_id=arb_id, data=chunk, is_extended_id=False))
         board.stats.replied_at = time.perf_counter()
 
-    def _on_frame(self, arb_id: int, data: bytes) -> None:
+    def _on_frame(self, arb_id: int, data: bytes, sent: Optional[float] = None) -> None:
         board = self.board
         if board.mode not in ("katapult", "klipper") or board.silent():
             return
         if board.bus_bitrate != board.bitrate:
             return  # every frame is an error frame at the wrong bitrate
-        arrival = board.clock.occupy(can_frame_bits(arb_id, data) / board.bitrate)
+        now = time.perf_counter()
+        start = min(sent, now) if sent is not None else now
+        arrival = board.clock.occupy(can_frame_bits(arb_id, data) / board.bitrate, start)
         if arb_id == kc.ADMIN_ID:
             board.clock.wait(arrival)
             self._admin(data)
