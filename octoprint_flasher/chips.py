@@ -307,6 +307,29 @@ def same_chip(a: str, b: str) -> bool:
     return _canonical(a) == _canonical(b)
 
 
+def chip_matches(expected: str, reported: str) -> Optional[bool]:
+    """Whether the board's ``reported`` chip can be the ``expected`` one. Bootloaders do not
+    always know exactly (the STM32 DFU ROM only shows a sector layout: "STM32F407/F429",
+    "STM32H7 (unknown variant)"), so: True/False when sure, None when it cannot be told."""
+    exp = find_chip(expected)
+    base = re.sub(r"\s*\(.*?\)", "", reported).strip()
+    parts = [p.strip() for p in base.split("/") if p.strip()]
+    if not parts:
+        return None
+    family = re.match(r"(?i)(stm32|atmega)", parts[0])
+    candidates: list[Chip] = []
+    for i, part in enumerate(parts):
+        chip = find_chip(part)
+        if chip is None and i > 0 and family:
+            chip = find_chip(family.group(1) + part)
+        if chip is None:
+            return None if exp is not None else _canonical(expected) == _canonical(reported)
+        candidates.append(chip)
+    if exp is None:
+        return None
+    return any(c.name == exp.name for c in candidates)
+
+
 def bootloaders_for(chip_name: str) -> list[AvrBootloader]:
     chip = find_avr(chip_name)
     if chip is None:

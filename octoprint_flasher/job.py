@@ -257,7 +257,7 @@ class FlashJob:
     def _worker(self, image_id: str, target: Target, backup: bool) -> None:
         try:
             result = self._execute(image_id, target, backup)
-        except BaseException as exc:  # never leave a stuck job, whatever happened
+        except Exception as exc:  # never leave a stuck job, whatever happened
             _LOG.exception("flash job crashed")
             result = JobResult(
                 RESULT_FAILED,
@@ -265,6 +265,18 @@ class FlashJob:
                 error=_internal_error(exc).to_dict(),
                 image_id=image_id,
             )
+        except BaseException:  # KeyboardInterrupt/SystemExit: end the job, then let it go
+            self._finish(
+                JobResult(
+                    RESULT_FAILED,
+                    "Interrupted. If the board is in its bootloader, flash again or reset it.",
+                    error=FlashError(
+                        "Interrupted.", hint="Flash again, or reset the board."
+                    ).to_dict(),
+                    image_id=image_id,
+                )
+            )
+            raise
         self._finish(result)
 
     def _execute(self, image_id: str, target: Target, backup: bool) -> JobResult:
@@ -388,8 +400,11 @@ class FlashJob:
 
         image_kept = True
         if status == RESULT_SUCCESS and ctx.stored is not None and not ctx.stored.backup:
-            self.store.remove_image(ctx.image_id)
-            image_kept = False
+            try:
+                self.store.remove_image(ctx.image_id)
+                image_kept = False
+            except OSError as exc:  # the flash succeeded; a stale upload is only clutter
+                self._emit_log(f"Could not remove the uploaded file: {exc}")
         fr = ctx.flash_result
         result = JobResult(
             status=status,

@@ -69,7 +69,7 @@ def load(
             f"{name}: cannot read the file: {exc.strerror}.",
             hint="Check the file's permissions and upload it again.",
         ) from exc
-    _check_size(name, size, max_size)
+    check_size(name, size, max_size)
     try:
         data = p.read_bytes()
     except OSError as exc:
@@ -89,7 +89,7 @@ def load_bytes(
 ) -> FirmwareImage:
     """Parse firmware from memory; ``filename`` picks the kind when content cannot."""
     name = os.path.basename(filename) or "firmware"
-    _check_size(name, len(data), max_size)
+    check_size(name, len(data), max_size)
     if not data or not data.strip(b" \t\r\n\x00"):
         raise ImageError(
             f"{name} is empty.",
@@ -126,7 +126,7 @@ def load_bytes(
     return image
 
 
-def _check_size(name: str, size: int, max_size: int) -> None:
+def check_size(name: str, size: int, max_size: int) -> None:
     if size > max_size:
         raise ImageError(
             f"{name} is {size} bytes, over the {format_size(max_size)} limit for firmware files.",

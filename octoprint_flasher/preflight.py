@@ -111,7 +111,12 @@ def check(
     if app_size > 0:
         report.facts["used_percent"] = round(100.0 * image.span / app_size, 1)
 
-    if mcu and t.chip and not chips.same_chip(mcu, t.chip):
+    match = chips.chip_matches(mcu, t.chip) if mcu and t.chip else True
+    if match is None:
+        report.warnings.append(
+            f"The board reports {t.chip!r}, which cannot be confirmed to be the {mcu}."
+        )
+    elif not match:
         report.fail(
             PreflightError(
                 f"This firmware is for {mcu}, but the board reports {t.chip}.",

@@ -77,13 +77,21 @@ class Store:
     ) -> StoredImage:
         """Parse ``src_path`` (ImageError if bad: nothing is kept) and keep a copy."""
         name = _safe_name(filename)
-        image = loaders.load(
-            src_path, base_address=base_address, max_size=self.max_size, filename=name
-        )
+        src = Path(src_path)
+        if src.is_file():  # refuse a huge upload before copying it
+            loaders.check_size(name, src.stat().st_size, self.max_size)
         image_id = self._new_id()
         stored_name = f"{image_id}-{name}"
         tmp = self.images_dir / (stored_name + ".part")
-        shutil.copyfile(src_path, tmp)
+        try:
+            # parse the copy, not the source: what is kept is exactly what was checked
+            shutil.copyfile(src, tmp)
+            image = loaders.load(
+                tmp, base_address=base_address, max_size=self.max_size, filename=name
+            )
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, self.images_dir / stored_name)
         meta = StoredImage(
             id=image_id,

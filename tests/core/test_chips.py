@@ -103,3 +103,21 @@ def test_unknown_usb_id_and_parsing() -> None:
     with pytest.raises(ValueError):
         chips.parse_usb_id("0483-df11")
     assert chips.format_usb_id(0x483, 0xDF11) == "0483:df11"
+
+
+@pytest.mark.parametrize(
+    "expected, reported, verdict",
+    [
+        ("stm32f429xx", "STM32F407/F429", True),  # the DFU ROM's layout fits both
+        ("stm32f446xx", "STM32F407/F429", False),
+        ("stm32h723xx", "STM32H7 (unknown variant)", None),  # cannot be told
+        ("stm32f446xx", "STM32 (unknown)", None),
+        ("m1284p", "ATmega1284P", True),
+        ("atmega2560", "ATmega1284P", False),
+        ("stm32g0b1xx", "stm32g0b1xx", True),  # Katapult's CONNECT string
+    ],
+)
+def test_chip_matches_is_unsure_when_the_bootloader_is(
+    expected: str, reported: str, verdict: bool | None
+) -> None:
+    assert chips.chip_matches(expected, reported) is verdict

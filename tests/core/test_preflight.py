@@ -172,3 +172,12 @@ def test_report_to_dict_is_json_ready() -> None:
     r = preflight.check(image_from_bytes(bytes(10), 0), M1284_OPTIBOOT, mcu="atmega2560")
     doc = json.loads(json.dumps(r.to_dict()))
     assert doc["ok"] is False and set(doc["errors"][0]) == {"kind", "message", "cause", "hint"}
+
+
+def test_an_ambiguous_chip_report_is_a_warning_not_a_refusal() -> None:
+    info = TargetInfo(**{**F446_32K.__dict__, "chip": "STM32H7 (unknown variant)"})
+    report = preflight.check(arm_app(0x08008000), info, mcu="stm32h723xx")
+    assert report.ok and "cannot be confirmed" in report.warnings[0]
+    info = TargetInfo(**{**F446_32K.__dict__, "chip": "STM32F407/F429"})
+    assert preflight.check(arm_app(0x08008000), info, mcu="stm32f429xx").ok
+    assert not preflight.check(arm_app(0x08008000), info, mcu="stm32f446xx").ok
