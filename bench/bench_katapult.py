@@ -216,7 +216,10 @@ def run_end_to_end(link: str, rate: int, size: int) -> Row:
 def run_flashtool(tool: str, rate: int, size: int) -> Optional[float]:
     """Katapult's flashtool.py, serial mode, on the same emulated UART board."""
     world = UsbWorld()
-    board = _board("uart", rate, world, "katapult")
+    # flashtool refuses a port another process holds open, so the pty's device side is free
+    board = EmulatedBoard(
+        interface="uart", baud=rate, time_scale=1.0, world=world, hold_pty_slave=False
+    )
     board.install_app(make_klipper_bin(size=size, seed=1, canbus_frequency=None))
     new = make_klipper_bin(size=size, seed=2, canbus_frequency=None)
     board.start()

@@ -103,7 +103,6 @@ class VectorCheck:
     ok: bool
     stack_pointer: int
     reset_handler: int
-    is_katapult_bootloader: bool
 
     def describe(self) -> str:
         return f"initial SP 0x{self.stack_pointer:08X}, reset handler 0x{self.reset_handler:08X}"
@@ -112,10 +111,10 @@ class VectorCheck:
 def check_reset_vector(first_words: bytes, app_start: int, app_end: int) -> VectorCheck:
     """Apply the rule to the first 8 bytes of the image (SP, reset handler)."""
     if len(first_words) < 8:
-        return VectorCheck(False, 0, 0, False)
+        return VectorCheck(False, 0, 0)
     sp, reset = struct.unpack_from("<II", first_words)
     handler = reset & ~1
-    return VectorCheck(app_start <= handler < app_end, sp, reset, False)
+    return VectorCheck(app_start <= handler < app_end, sp, reset)
 
 
 def looks_like_katapult(data: bytes) -> bool:

@@ -214,14 +214,18 @@ class KatapultFlasher(Flasher):
             bridge = None
         if bridge is not None and bridge.uuid != self.uuid:
             bridge = None
-        result = entry.enter_from_can(
-            admin,
-            self.uuid,
-            self.log,
-            timeout=self.entry_timeout,
-            bridge=bridge,
-            lister=self.lister,
-        )
+        try:
+            result = entry.enter_from_can(
+                admin,
+                self.uuid,
+                self.log,
+                timeout=self.entry_timeout,
+                bridge=bridge,
+                lister=self.lister,
+            )
+        except ConnectError as exc:
+            exc.cause += self._can_advice()
+            raise
         self._entered = result.requested
         if result.serial_port is not None:
             # the bridge is gone with its CAN interface; Katapult waits on USB serial

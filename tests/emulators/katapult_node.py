@@ -491,6 +491,7 @@ class EmulatedBoard:
         reboot_seconds: float = 0.15,
         faults: Optional[Faults] = None,
         block_size: int = 64,
+        hold_pty_slave: bool = True,
     ) -> None:
         self.chip = CHIPS[chip]
         self.interface = interface
@@ -510,6 +511,9 @@ class EmulatedBoard:
         self.reboot_seconds = reboot_seconds
         self.faults = faults or Faults()
         self.block_size = block_size
+        #: keep our own handle on the pty's device side (needed to see the 1200-baud touch);
+        #: tools that refuse a port another process holds (Katapult's flashtool) need False
+        self.hold_pty_slave = hold_pty_slave
         if interface == "usb-can-bridge":
             self.uuid = kc.uuid_from_chip_id(bytes.fromhex(self.usb_serial))
         else:
@@ -882,6 +886,9 @@ class _SerialRunner:
         attrs[3] &= ~termios.ECHO
         termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
         self.device = os.ttyname(self.slave)
+        if not board.hold_pty_slave:
+            os.close(self.slave)
+            self.slave = -1
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="katapult-pty-node", daemon=True)
         self._magic = bytearray()
@@ -910,6 +917,8 @@ class _SerialRunner:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(2)
         for fd in (self.master, self.slave):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:
@@ -955,11 +964,16 @@ class _SerialRunner:
             try:
                 data = os.read(self.master, 4096)
             except OSError:
+                if self.slave < 0 and not self._stop.is_set():
+                    time.sleep(0.002)  # nobody has the port open (EIO): wait for one
+                    continue
                 return
             with board.lock:
                 self._on_data(data)
 
     def _touched_1200(self) -> bool:
+        if self.slave < 0:
+            return False
         try:
             speed = termios.tcgetattr(self.slave)[4]
         except termios.error:

@@ -323,3 +323,22 @@ def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
             return True
         time.sleep(0.01)
     return cond()
+
+
+def test_seed_silence_carries_the_interface_advice(make_board: MakeBoard, world: UsbWorld) -> None:
+    """The seed's can0 showed "RX errors 8 frame 8": when the node stays silent, the error
+    names what the interface saw, not just "no answer"."""
+    import json
+    from pathlib import Path
+
+    row = json.loads(
+        (Path(__file__).parent / "fixtures" / "seed_can0_frame_errors.json").read_text()
+    )[0]
+    board = make_board(firmware="katapult", bitrate=500000, bus_bitrate=1000000).start()
+    target = can_target(board, world, entry_timeout=0.3, can_facts=lambda _channel: row)
+    target.can_interface = "socketcan"  # the facts come from the injected reader
+    flasher = methods.open_flasher(target)
+    with pytest.raises(ConnectError) as err:
+        flasher.identify()
+    flasher.close()
+    assert "8 receive errors" in err.value.cause and "termination" in err.value.cause
