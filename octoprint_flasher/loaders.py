@@ -100,6 +100,7 @@ def load_bytes(
     kind = sniff(data, name)
     if kind == "hex":
         segments, notes = parse_hex(data, name)
+        _refuse_avr_extra_sections(segments, name)
         image = FirmwareImage(segments, name, "hex", sha, notes)
         if base_address is not None:
             image.notes.append("An Intel HEX file carries its own addresses; --address ignored.")
@@ -364,6 +365,32 @@ def _merge_chunks(chunks: list[tuple[int, bytes, int]], name: str) -> list[Segme
         else:
             segs.append((addr, bytearray(payload), lineno))
     return [Segment(s, bytes(b)) for s, b, _ in segs]
+
+
+# avr-objcopy puts other memories at these virtual addresses when not told to drop them
+_AVR_SECTIONS = (
+    (0x810000, 0x820000, ".eeprom"),
+    (0x820000, 0x830000, ".fuse"),
+    (0x830000, 0x840000, ".lock"),
+    (0x840000, 0x850000, ".signature"),
+)
+
+
+def _refuse_avr_extra_sections(segments: list[Segment], name: str) -> None:
+    """An AVR HEX with EEPROM/fuse data would read as an 8 MiB image; say what it really is."""
+    if not segments or segments[0].address >= 0x40000:
+        return
+    for seg in segments:
+        for lo, hi, section in _AVR_SECTIONS:
+            if lo <= seg.address < hi:
+                raise ImageError(
+                    f"{name} contains {section} data at 0x{seg.address:X}, not only flash.",
+                    cause="The HEX was exported from the ELF with the AVR's EEPROM/fuse "
+                    "sections included.",
+                    hint="Export the flash only: avr-objcopy -O ihex -R .eeprom -R .fuse "
+                    "-R .lock -R .signature firmware.elf firmware.hex (Arduino/PlatformIO "
+                    "builds already do this).",
+                )
 
 
 # --- raw binary and DFU suffix ---------------------------------------------------------

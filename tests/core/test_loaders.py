@@ -42,6 +42,7 @@ BAD_FILES: dict[str, tuple[list[str], dict[str, int]]] = {
     "conflicting_overlap.hex": (["line 6", "0x20", "written twice", "different bytes"], {}),
     "far_apart_addresses.hex": (["0x8000000", "0x2000001F", "16 MiB"], {}),
     "past_4gib.hex": (["line 2", "4 GiB"], {}),
+    "avr_with_eeprom.hex": ([".eeprom data at 0x810000"], {}),
     "binary_junk.hex": (["not one", "binary data"], {}),
     "nul_bytes.hex": (["binary data"], {}),
     "print.gcode": (["G-code, not firmware"], {}),
@@ -72,6 +73,7 @@ HINTS = {
     "firmware.uf2": "copy the file to its USB drive",
     "conflicting_overlap.hex": "application image alone",
     "option_bytes_alt1.dfu": "alt 0",
+    "avr_with_eeprom.hex": "-R .eeprom",
 }
 
 

@@ -148,6 +148,8 @@ def write_bad() -> None:
             [hex_record(4, 0, b"\xff\xff"), hex_record(0, 0xFFF8, payload(16, 6)), EOF_RECORD]
         ),
     )
+    eeprom = hex_lines(payload(64, 26), 0) + hex_lines(b"\x01\x02\x03\x04", 0x810000)
+    put("avr_with_eeprom.hex", hex_text(eeprom + [EOF_RECORD]))
     put("binary_junk.hex", payload(600, 11))
     put("nul_bytes.hex", hex_text(good[:3]) + b"\x00" * 40 + hex_text(good[3:] + [EOF_RECORD]))
     gcode = (
