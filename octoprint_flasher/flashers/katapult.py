@@ -36,6 +36,7 @@ from ..protocols import klipper_can
 from ..target import Target
 
 UART_BAUD = 250000
+UNKNOWN_FLASH_SPAN = 16 * 1024 * 1024
 #: STM32 USB-FS parts (all but F2/F4/H7) lose the first reply after enumeration
 _PRIME_EXEMPT = ("stm32f2", "stm32f4", "stm32h7")
 
@@ -180,8 +181,13 @@ class KatapultFlasher(Flasher):
             sector = chip.sector_at(info.app_start)
             page = sector[1] if sector else info.block_size
         else:
+            # unknown part (RP2040, LPC176x, ...): no upper bound from us; Katapult's own
+            # write checks still apply, and read() refuses without an explicit size
             flash_start, flash_size, page = info.app_start, 0, info.block_size
-        app_end = flash_start + flash_size if flash_size else info.app_start + 16 * 1024 * 1024
+        known = bool(flash_size)
+        if not known:
+            flash_size = UNKNOWN_FLASH_SPAN
+        app_end = flash_start + flash_size
         self.target_info = TargetInfo(
             method=self.method,
             chip=info.mcu,
@@ -197,7 +203,7 @@ class KatapultFlasher(Flasher):
                 "transport": self.transport,
                 "port": self.port,
                 "uuid": self.uuid.hex() if self.uuid else None,
-                "flash_size_known": bool(flash_size),
+                "flash_size_known": known,
             },
         )
         return self.target_info

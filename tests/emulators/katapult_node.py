@@ -93,7 +93,9 @@ class ChipModel:
 
 STM32G0B1 = ChipModel("stm32g0b1xx", 0x08000000, 512 * 1024, 0x08002000, 2048, 0.022, 0.00068)
 STM32H723 = ChipModel("stm32h723xx", 0x08000000, 1024 * 1024, 0x08020000, 128 * 1024, 1.2, 0.0003)
-CHIPS = {c.mcu: c for c in (STM32G0B1, STM32H723)}
+#: a part the plugin's chip table does not know (flash layout simplified to 4 KiB pages)
+LPC1769 = ChipModel("lpc1769", 0x00000000, 512 * 1024, 0x00004000, 4096, 0.1, 0.0005)
+CHIPS = {c.mcu: c for c in (STM32G0B1, STM32H723, LPC1769)}
 
 
 class Clock:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from typing import Callable
 
+import pytest
+
 from octoprint_flasher import discovery
 from octoprint_flasher.protocols import katapult as kp
 from tests.emulators.katapult_node import (
@@ -108,3 +110,22 @@ def test_discovery_aggregates_can_nodes(make_board: MakeBoard) -> None:
     can_nodes = [d for d in found if d.kind == "can"]
     assert [d.uuid for d in can_nodes] == [board.uuid_text]
     assert not [w for w in found.warnings if "CAN" in w]
+
+
+def test_unknown_mcu_flashes_fully_and_passes_the_generic_preflight(
+    make_board: MakeBoard, world: UsbWorld
+) -> None:
+    from octoprint_flasher import methods, preflight
+    from octoprint_flasher.errors import ProtocolError
+
+    board = make_board(chip="lpc1769", firmware="katapult").start()
+    data = make_klipper_bin("lpc1769", app_start=0x4000, size=4096)
+    flasher = methods.open_flasher(can_target(board, world))
+    info = flasher.identify()
+    report = preflight.check(as_bin(data), info)
+    assert report.ok, report.errors
+    result = flasher.flash(as_bin(data), quick=True)  # no page layout: writes everything
+    with pytest.raises(ProtocolError, match="flash size of lpc1769 is unknown"):
+        flasher.read()  # an unmapped REQUEST_BLOCK would hard-fault the board
+    flasher.close()
+    assert result.blocks_written == 64 and board.app_bytes(4096) == data
