@@ -233,6 +233,22 @@ def main() -> int:
         "Targets: ours ≤ 1.1 × device bound; identical re-flash ≥ 5 × faster than the first.",
         "",
     ]
+    for case, _e, _p, _t, bound, floor, first, quick, _s, _m in rows:
+        verdict = "meets" if first <= 1.1 * bound else "misses"
+        lines.append(
+            f"- {case.label}: {verdict} the 1.1× target ({first / bound:.3f}×; "
+            f"{first / floor:.3f}× the protocol floor); re-flash {first / quick:.1f}× faster."
+        )
+    lines += [
+        "",
+        "Where the gap to the device bound comes from: every chunk costs a DNLOAD, a first "
+        "GETSTATUS that starts the programming, the device's bwPollTimeout and a second "
+        "GETSTATUS, each control transfer completing at a frame end. On the H723 model a 1 KiB "
+        "chunk programs in 3.2 ms but the ROM asks for 5 ms, so no host that honours "
+        "bwPollTimeout can reach 1.1× there; our time stays within a few percent of the "
+        "protocol floor in every case.",
+        "",
+    ]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines), encoding="utf-8")
     print(f"wrote {args.out}")
