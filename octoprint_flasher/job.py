@@ -182,6 +182,7 @@ class FlashJob:
         self._stage = ""
         self._progress: dict[str, Any] = _empty_progress()
         self._log: Deque[str] = deque(maxlen=LOG_LINES)
+        self._log_lock = threading.Lock()
         self._result: Optional[JobResult] = None
         self._image_summary: Optional[dict[str, Any]] = None
         self._target_desc = ""
@@ -225,7 +226,7 @@ class FlashJob:
             "state": self._state,
             "stage": self._stage,
             "progress": dict(self._progress),
-            "log": list(self._log),
+            "log": self._log_snapshot(),
             "result": self._result.to_dict() if self._result else None,
             "image": self._image_summary,
             "target": self._target_desc,
@@ -247,7 +248,8 @@ class FlashJob:
             self._done.clear()
         self._cancel = CancelToken()
         self._result = None
-        self._log.clear()
+        with self._log_lock:
+            self._log.clear()
         self._progress = _empty_progress()
         self._stage = ""
         self._image_summary = None
@@ -477,8 +479,13 @@ class FlashJob:
 
     def _emit_log(self, line: str) -> None:
         for part in str(line).splitlines() or [""]:
-            self._log.append(part)
+            with self._log_lock:
+                self._log.append(part)
             self._emit(JobEvent("log", {"line": part}))
+
+    def _log_snapshot(self) -> list[str]:
+        with self._log_lock:  # status() runs in front-end threads while the worker logs
+            return list(self._log)
 
     def _warn(self, ctx: _Run, text: str) -> None:
         ctx.warnings.append(text)
