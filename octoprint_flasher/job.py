@@ -570,4 +570,18 @@ def _info_dict(info: Optional[TargetInfo]) -> Optional[dict[str, Any]]:
         return None
     d = asdict(info)
     d["description"] = info.describe()
-    return d
+    safe: dict[str, Any] = _json_safe(d)
+    return safe
+
+
+def _json_safe(value: Any) -> Any:
+    """Flashers may put bytes or objects in ``details``; events and history must be JSON."""
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value).hex()
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)

@@ -435,3 +435,24 @@ def test_status_reports_image_target_and_log(store: Store, image_id: str) -> Non
     assert st["image"]["filename"] == "Marlin.hex" and st["target"] == "/dev/ttyUSB0"
     assert st["result"]["status"] == result.status and len(st["log"]) <= 200
     assert any("Found ATmega1284P" in line for line in st["log"])
+
+
+def test_status_and_events_are_json_even_with_odd_flasher_details(
+    store: Store, image_id: str
+) -> None:
+    import json
+
+    board = FakeBoard()
+    orig = board.info
+
+    def info() -> Any:
+        t = orig()
+        t.details = {"signature": b"\x1e\x97\x05", "obj": object(), "sizes": (1, 2)}
+        return t
+
+    board.info = info  # type: ignore[method-assign]
+    job, _, rec = make_job(store, board)
+    assert job.run(image_id, TARGET).ok
+    doc = json.loads(json.dumps(job.status()))
+    assert doc["result"]["target_info"]["details"]["signature"] == "1e9705"
+    json.dumps([e.data for e in rec.events])
