@@ -336,6 +336,9 @@ def build_test_firmware(
         raise ValueError(f"unknown mcu {mcu!r}; known: {', '.join(MCUS)}")
     if not _NAME_RE.match(name):
         raise ValueError(f"firmware name {name!r} must match {_NAME_RE.pattern}")
+    room = max(c.boot_start for c in CONFIGS.values() if c.mcu == mcu)
+    if size is not None and size > room:
+        raise ValueError(f"{size} bytes do not fit below any {mcu} bootloader ({room} bytes)")
     key = _digest(SRC / "testfw.c", mcu, name, size, baud, F_CPU, CRC_SIZE)
     out = BUILD / "fw" / f"testfw-{mcu}-{name}-{size or 'min'}-{baud}-{key[:8]}.hex"
     if out.exists():
@@ -366,8 +369,6 @@ def build_test_firmware(
                         break
                 else:
                     raise ValueError(f"cannot build an image of exactly {size} bytes (got {end})")
-            if end + CRC_SIZE > MCUS[mcu].flash_size - 8192:
-                raise ValueError(f"{end + CRC_SIZE} bytes do not fit below the boot section")
             binary = work / "fw.bin"
             _run(
                 ["avr-objcopy", "-j", ".text", "-j", ".data", "-O", "binary", str(elf), str(binary)]
