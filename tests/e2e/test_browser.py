@@ -17,7 +17,12 @@ import pytest
 
 from tests.e2e.conftest import ADMIN, Client, OctoPrintServer, SimPrinter, poll
 
-pytestmark = [pytest.mark.e2e, pytest.mark.browser, pytest.mark.realtime]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.browser,
+    pytest.mark.realtime,
+    pytest.mark.timeout(300, func_only=True),  # see test_security.py
+]
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"

@@ -17,7 +17,11 @@ from intelhex import IntelHex
 
 from tests.e2e.conftest import Client, SimPrinter, SocketCollector
 
-pytestmark = [pytest.mark.e2e, pytest.mark.realtime]
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.realtime,
+    pytest.mark.timeout(300, func_only=True),  # see test_security.py
+]
 
 
 def firmware_name(admin: Client, socket: SocketCollector, expected: str) -> str:
