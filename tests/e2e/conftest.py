@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
     plugin (installed editable in .venv), an admin and a user without the flash permission."""
     global _SERVER
     basedir = tmp_path_factory.mktemp("octoprint")
-    port_dir = tmp_path_factory.mktemp("ports")
+    # a short directory: the port's path is what users see in the device list (screenshots)
+    port_dir = Path(tempfile.mkdtemp(prefix="fl-"))
     (basedir / "config.yaml").write_text(
         CONFIG_YAML.format(port_glob=str(port_dir / (PORT_GLOB_NAME + "*")))
     )
@@ -167,6 +169,7 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
         yield server
     finally:
         _SERVER = None
+        shutil.rmtree(port_dir, ignore_errors=True)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import pytest
 
@@ -65,7 +65,11 @@ def page(
             context.close()
 
 
-def shot(page: Any, name: str) -> Path:
+def shot(page: Any, name: str, focus: Optional[str] = None) -> Path:
+    """Save the viewport as docs/screenshots/<name>.png, scrolled so ``focus`` is in view."""
+    if focus is not None:
+        page.locator(focus).scroll_into_view_if_needed()
+    page.wait_for_timeout(300)  # let Knockout finish its redraw
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), animations="disabled")
@@ -110,14 +114,18 @@ def choose_port(page: Any, port: str) -> None:
 
 
 def upload(page: Any, firmware: Path) -> Any:
+    """Choose ``firmware`` in the file input and return the pre-flight verdict once shown."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     panel = page.locator("#settings_plugin_flasher")
     panel.locator("#flasher_file").set_input_files(str(firmware))
-    button = panel.locator("#flasher_upload")
-    if button.count() and button.is_visible() and button.is_enabled():
-        button.click()
-    verdict = panel.locator("#flasher_preflight")
-    verdict.and_(page.locator(".flasher-ok, .flasher-error")).wait_for(state="visible")
-    return verdict
+    verdict = page.locator("#flasher_preflight.flasher-ok, #flasher_preflight.flasher-error")
+    try:
+        verdict.wait_for(state="visible", timeout=5_000)
+    except PlaywrightTimeout:  # a page that does not upload on choose has a button for it
+        panel.locator("#flasher_upload").click()
+        verdict.wait_for(state="visible")
+    return page.locator("#flasher_preflight")
 
 
 def bar_percent(page: Any) -> float:
@@ -150,46 +158,61 @@ def test_flash_from_the_settings_page(
 
     choose_port(page, printer.port)
     verdict = upload(page, browser_firmware)
-    assert "flasher-ok" in (verdict.get_attribute("class") or ""), verdict.text_content()
-    shot(page, "02-file-checked")
+    assert "flasher-ok" in (verdict.get_attribute("class") or ""), verdict.inner_text()
+    shot(page, "02-file-checked", focus="#flasher_preflight")
 
     flash_and_confirm(page)
     poll("the progress bar to move", lambda: 0 < bar_percent(page) < 100, timeout=60, interval=0.1)
-    shot(page, "03-flashing")
+    shot(page, "03-flashing", focus="#flasher_progress")
 
     result = page.locator("#flasher_result.flasher-success, #flasher_result.flasher-failure")
     result.wait_for(state="visible", timeout=180_000)
-    page.wait_for_timeout(300)  # let Knockout finish the last redraw before the screenshot
-    shot(page, "04-success")
-    assert "flasher-success" in (result.get_attribute("class") or ""), result.text_content()
+    shot(page, "04-success", focus="#flasher_result")
+    assert "flasher-success" in (result.get_attribute("class") or ""), result.inner_text()
     assert bar_percent(page) == 100
-    assert "100 %" in (page.locator("#flasher_progress .bar").text_content() or "")
+    assert "100 %" in (page.locator("#flasher_progress .bar").inner_text() or "")
     assert admin.status()["result"]["ok"] is True
 
 
-def test_image_too_big_for_the_chip_shows_the_error(
+def test_wrong_chip_named_by_the_user_is_refused_before_flashing(
+    page: Any, octoprint_server: OctoPrintServer, printer: SimPrinter, oversized_firmware: Path
+) -> None:
+    """With the chip typed in, the page refuses a Mega 2560 image bigger than the 1284P's
+    whole flash at upload time, says why, and offers no Flash button."""
+    if not page.locator("#settings_plugin_flasher").is_visible():
+        open_flasher_settings(page, octoprint_server)
+    choose_port(page, printer.port)
+    page.fill("#flasher_mcu", "atmega1284p")
+    verdict = upload(page, oversized_firmware)
+    shot(page, "05-wrong-chip", focus="#flasher_preflight")
+    assert "flasher-error" in (verdict.get_attribute("class") or ""), verdict.inner_text()
+    assert TOO_BIG.search(verdict.inner_text() or ""), verdict.inner_text()
+    assert page.locator("#flasher_flash").is_disabled()
+
+
+def test_image_too_big_for_the_board_fails_without_touching_it(
     page: Any,
     octoprint_server: OctoPrintServer,
     admin: Client,
     printer: SimPrinter,
     oversized_firmware: Path,
 ) -> None:
-    """A Mega 2560 image larger than the 1284P's whole flash is refused with a message that
-    says why: by the preflight verdict if the plugin already knows the chip, otherwise by the
-    flasher's check once the bootloader has named the chip (before anything is written)."""
+    """Without a chip name the page cannot know; the flasher learns the chip from the
+    bootloader and refuses before writing, so the board keeps its firmware."""
     admin.wait_idle(timeout=120)
+    before = printer.board.flash_dump()
     if not page.locator("#settings_plugin_flasher").is_visible():
         open_flasher_settings(page, octoprint_server)
     choose_port(page, printer.port)
+    page.fill("#flasher_mcu", "")
     verdict = upload(page, oversized_firmware)
-    if "flasher-error" in (verdict.get_attribute("class") or ""):
-        message = verdict
-    else:
-        flash_and_confirm(page)
-        message = page.locator("#flasher_result.flasher-failure")
-        message.wait_for(state="visible", timeout=180_000)
-        result = admin.wait_idle(timeout=60)["result"]
-        assert result is not None and result.get("ok") is False, result
-    text = message.text_content() or ""
-    shot(page, "05-wrong-chip")
-    assert TOO_BIG.search(text), text
+    assert "flasher-ok" in (verdict.get_attribute("class") or ""), verdict.inner_text()
+    flash_and_confirm(page)
+    failure = page.locator("#flasher_result.flasher-failure, #flasher_result.flasher-success")
+    failure.wait_for(state="visible", timeout=180_000)
+    shot(page, "06-too-big-for-board", focus="#flasher_result")
+    assert "flasher-failure" in (failure.get_attribute("class") or ""), failure.inner_text()
+    assert TOO_BIG.search(failure.inner_text() or ""), failure.inner_text()
+    result = admin.wait_idle(timeout=60)["result"]
+    assert result["ok"] is False and result["board_in_bootloader"] is False, result
+    assert printer.board.flash_dump() == before, "the refused image changed the flash"
