@@ -71,9 +71,11 @@ def _usb_prefers_v2(port: Optional[str]) -> bool:
     return False
 
 
-def _reset(link: SerialLink, baud: int, sleep: Callable[[float], None]) -> None:
+def _reset(
+    link: SerialLink, baud: int, sleep: Callable[[float], None], reopen: bool = True
+) -> None:
     """Reopen at ``baud`` (a reset on auto-reset boards) and pulse DTR where possible."""
-    if link.can_reopen:
+    if reopen and link.can_reopen:
         link.reopen(baud)
     else:
         link.set_baud(baud)
@@ -119,14 +121,17 @@ def detect(
     bauds: tuple[int, ...] = BAUDS,
     methods: tuple[str, ...] = ("stk500v1", "stk500v2"),
     v2_first: Optional[bool] = None,
+    fresh: bool = False,
     log: LogCallback = no_log,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Optional[Found]:
-    """Reset once per baud and ask each protocol; the bootloader is left in programming mode."""
+    """Reset once per baud and ask each protocol; the bootloader is left in programming mode.
+
+    ``fresh``: the link was opened just now at its baud, and that open was the first reset."""
     if v2_first is None:
         v2_first = _usb_prefers_v2(link.port)
-    for baud in bauds:
-        _reset(link, baud, sleep)
+    for i, baud in enumerate(bauds):
+        _reset(link, baud, sleep, reopen=bool(i) or not fresh or baud != link.baud)
         order = [m for m in (("stk500v2", "stk500v1") if v2_first else methods) if m in methods]
         for method in order:
             if method == "stk500v1":
@@ -197,7 +202,7 @@ def probe(port: str, *, serial_factory: Any = None) -> Optional[dict[str, Any]]:
     link = SerialLink(port, BAUDS[0], factory=serial_factory)
     try:
         link.open()
-        found = detect(link)
+        found = detect(link, fresh=True)
         if found is None:
             return None
         _leave_quietly(link, found)
@@ -209,12 +214,13 @@ def probe(port: str, *, serial_factory: Any = None) -> Optional[dict[str, Any]]:
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> AvrSerialFlasher:
     """Detect the bootloader on ``target.port`` and return the matching flasher, already in
     the bootloader. ``target.baud`` (if given) is tried first."""
-    link = link_for(target, BAUDS[0])
+    link_for(target, BAUDS[0])  # checks that a port was given
     opts = target.options
     sink = log or no_log
     bauds = BAUDS if not target.baud else (target.baud, *(b for b in BAUDS if b != target.baud))
+    link = SerialLink(target.port or "", bauds[0], factory=opts.get("serial_factory"))
     link.open()
-    found = detect(link, bauds=bauds, log=sink)
+    found = detect(link, bauds=bauds, log=sink, fresh=True)
     if found is None:
         link.close()
         raise ConnectError(
