@@ -75,6 +75,51 @@ def _image_range(image: FirmwareImage) -> str:
     return _rng(image.start, image.end)
 
 
+# --- what the bytes say ----------------------------------------------------------------
+
+
+def content_family(image: FirmwareImage) -> Optional[str]:
+    """ "stm32" when the image starts with a Cortex-M vector table pointing into STM32 flash,
+    "avr" when it starts with AVR ``jmp`` vectors, else None. This is what catches a raw
+    .bin (which has no address) for the wrong kind of board."""
+    if not image.segments:
+        return None
+    head = image.read(image.start, 32)
+    sp, reset = struct.unpack_from("<2I", head)
+    sram = 0x20000000 <= sp <= 0x20200000 or 0x24000000 <= sp <= 0x24100000
+    if sram and reset & 1 and STM32_FLASH <= (reset & ~1) < STM32_FLASH + 0x200000:
+        return "stm32"
+    if all(head[i] == 0x0C and head[i + 1] == 0x94 for i in range(0, 32, 4)):
+        return "avr"
+    return None
+
+
+def _check_family(
+    image: FirmwareImage, avr_board: bool, where: str, report: PreflightReport
+) -> None:
+    family = content_family(image)
+    if family:
+        report.facts["content"] = "AVR" if family == "avr" else "ARM Cortex-M (STM32)"
+    if family == "stm32" and avr_board:
+        report.fail(
+            PreflightError(
+                f"{image.filename or 'This image'} is an ARM Cortex-M (STM32) firmware; {where} "
+                "is an AVR.",
+                cause="It starts with an STM32 vector table (stack in SRAM, reset handler at "
+                "0x08......).",
+                hint="Use the firmware built for this AVR board.",
+            )
+        )
+    elif family == "avr" and not avr_board:
+        report.fail(
+            PreflightError(
+                f"{image.filename or 'This image'} is an AVR firmware; {where} is an STM32.",
+                cause="It starts with AVR jump vectors (0C 94 ...).",
+                hint="Use the firmware built for this STM32 board.",
+            )
+        )
+
+
 # --- with a board ----------------------------------------------------------------------
 
 
@@ -107,6 +152,7 @@ def check(
             f"application start 0x{t.app_start:08X}."
         )
     report.facts.update(image=_image_range(image), image_size=image.size)
+    _check_family(image, t.flash_start < STM32_FLASH, f"the board ({t.chip})", report)
     app_size = t.app_end - t.app_start
     if app_size > 0:
         report.facts["used_percent"] = round(100.0 * image.span / app_size, 1)
@@ -290,6 +336,13 @@ def check_offline(
             )
         )
     chip = chips.find_chip(mcu_name) if mcu_name else None
+    if chip is not None:
+        _check_family(image, isinstance(chip, chips.AvrChip), f"the {chip.name}", report)
+    elif method in AVR_METHODS or method in ARM_METHODS:
+        where = f"the {method} method's board"
+        _check_family(image, method in AVR_METHODS, where, report)
+    else:
+        _check_family(image, False, "", PreflightReport(facts=report.facts))  # facts only
     if mcu_name and chip is None:
         report.warnings.append(f"Unknown chip {mcu_name!r}: only generic checks were done.")
     if isinstance(chip, chips.AvrChip):

@@ -95,7 +95,8 @@ def test_bootloader_erase_must_be_explicit() -> None:
 
 def test_arm_image_on_avr_board_is_outside_flash() -> None:
     report = preflight.check(arm_app(0x08008000), M1284_OPTIBOOT)
-    assert not report.ok and "STM32 (ARM) image" in report.errors[0]["cause"]
+    causes = [e["cause"] for e in report.errors]
+    assert not report.ok and any("STM32 (ARM) image" in c for c in causes)
 
 
 def test_reset_vector_below_the_image_means_wrong_offset() -> None:
@@ -181,3 +182,30 @@ def test_an_ambiguous_chip_report_is_a_warning_not_a_refusal() -> None:
     info = TargetInfo(**{**F446_32K.__dict__, "chip": "STM32F407/F429"})
     assert preflight.check(arm_app(0x08008000), info, mcu="stm32f429xx").ok
     assert not preflight.check(arm_app(0x08008000), info, mcu="stm32f446xx").ok
+
+
+def unplaced(image: FirmwareImage) -> FirmwareImage:
+    return FirmwareImage([Segment(0, image.to_bytes())], "firmware.bin", "bin", address_given=False)
+
+
+def test_a_bin_says_what_it_is_even_without_an_address() -> None:
+    from tests.data.make_bad_corpus import marlin_like
+
+    stm32_bin = unplaced(arm_app(0x08008000))
+    avr_bin = FirmwareImage(
+        [Segment(0, marlin_like(4096))], "marlin.bin", "bin", address_given=False
+    )
+    assert preflight.content_family(stm32_bin) == "stm32"
+    assert preflight.content_family(avr_bin) == "avr"
+    assert preflight.content_family(image_from_bytes(bytes(64), 0)) is None
+
+    r = preflight.check_offline(stm32_bin, None, "stk500v1")
+    assert not r.ok and "is an ARM Cortex-M (STM32) firmware" in r.errors[0]["message"]
+    r = preflight.check_offline(avr_bin, "stm32f446xx")
+    assert not r.ok and "is an AVR firmware; the STM32F446 is an STM32" in r.errors[0]["message"]
+    r = preflight.check_offline(stm32_bin)
+    assert r.ok and r.facts["content"] == "ARM Cortex-M (STM32)"
+    # with a board: placed at the AVR's application start it would "fit", but it is refused
+    r = preflight.check(stm32_bin, M1284_OPTIBOOT)
+    assert not r.ok and "the board (ATmega1284P) is an AVR" in r.errors[0]["message"]
+    assert preflight.check(unplaced(arm_app(0x08008000)), F446_32K).ok
