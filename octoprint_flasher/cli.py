@@ -314,7 +314,7 @@ def cmd_info(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"Note:     {note}", file=out)
     label = report.facts.get("chip") or "generic"
     print(f"Checks ({label}): {'OK' if report.ok else 'REFUSED'}", file=out)
-    for key in ("flash", "fits_below", "application_offset"):
+    for key in ("content", "flash", "fits_below", "application_offset"):
         if key in report.facts:
             value = report.facts[key]
             shown = ", ".join(value) if isinstance(value, list) else value

@@ -105,8 +105,8 @@ def _check_family(
             PreflightError(
                 f"{image.filename or 'This image'} is an ARM Cortex-M (STM32) firmware; {where} "
                 "is an AVR.",
-                cause="It starts with an STM32 vector table (stack in SRAM, reset handler at "
-                "0x08......).",
+                cause="It starts with an STM32 vector table (stack pointer 0x{:08X}, reset "
+                "handler 0x{:08X}).".format(*struct.unpack("<2I", image.read(image.start, 8))),
                 hint="Use the firmware built for this AVR board.",
             )
         )
