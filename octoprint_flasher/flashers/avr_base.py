@@ -71,6 +71,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
     bootloader_name = ""
     #: whether writing some pages again can disturb others (then all are verified again)
     rewrite_touches_others = False
+    #: bytes per read command when reading runs of pages (None: one page)
+    read_chunk: Optional[int] = None
 
     def __init__(
         self,
@@ -319,17 +321,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         pages = self._pages(image)
         if not quick:
             return pages, 0
-        total = sum(len(d) for _, d in pages)
-        todo: list[tuple[int, bytes]] = []
-        done = 0
-        for addr, data in pages:
-            if cancel is not None:
-                cancel.check()
-            current = self._with_recovery(lambda a=addr: self._read_page(a))  # type: ignore[misc]
-            if current != data:
-                todo.append((addr, data))
-            done += len(data)
-            progress(Progress(STAGE_READING, done, total))
+        current = self._read_pages([a for a, _ in pages], STAGE_READING, progress, cancel)
+        todo = [(a, d) for a, d in pages if current[a] != d]
         return todo, len(pages) - len(todo)
 
     def flash(
@@ -414,19 +407,66 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         progress: ProgressCallback,
         cancel: Optional[CancelToken],
     ) -> list[tuple[int, bytes, bytes]]:
-        total = sum(len(d) for _, d in pages)
-        done = 0
-        bad: list[tuple[int, bytes, bytes]] = []
-        progress(Progress(STAGE_VERIFYING, 0, total))
-        for addr, data in pages:
+        found = self._read_pages([a for a, _ in pages], STAGE_VERIFYING, progress, cancel)
+        return [(a, d, found[a]) for a, d in pages if found[a] != d]
+
+    def _read_pages(
+        self,
+        addresses: list[int],
+        stage: str,
+        progress: ProgressCallback,
+        cancel: Optional[CancelToken],
+    ) -> dict[int, bytes]:
+        """Read these pages, contiguous ones as one run in :attr:`read_chunk` pieces."""
+        assert self.chip is not None
+        size = self.chip.page_size
+        total = len(addresses) * size
+        state = {"done": 0}
+        progress(Progress(stage, 0, total))
+
+        def step(n: int) -> None:
+            state["done"] += n
+            progress(Progress(stage, state["done"], total))
+
+        out: dict[int, bytes] = {}
+        runs: list[list[int]] = []
+        for a in sorted(addresses):
+            if runs and runs[-1][-1] + size == a:
+                runs[-1].append(a)
+            else:
+                runs.append([a])
+        for run in runs:
+            data = self._read_run(run[0], len(run) * size, step, cancel)
+            for i, a in enumerate(run):
+                out[a] = data[i * size : (i + 1) * size]
+        return out
+
+    def _read_run(
+        self,
+        start: int,
+        length: int,
+        step: Callable[[int], None],
+        cancel: Optional[CancelToken],
+    ) -> bytes:
+        assert self.chip is not None
+        chunk = self.read_chunk or self.chip.page_size
+        data = bytearray()
+        addr = start
+        end = start + length
+        while addr < end:
             if cancel is not None:
                 cancel.check()
-            found = self._with_recovery(lambda a=addr: self._read_page(a))  # type: ignore[misc]
-            if found != data:
-                bad.append((addr, data, found))
-            done += len(data)
-            progress(Progress(STAGE_VERIFYING, done, total))
-        return bad
+            # never across a 64 KiB boundary: optiboot's read address is 16 bits wide
+            n = min(chunk, end - addr, 0x10000 - (addr & 0xFFFF))
+            data += self._with_recovery(lambda a=addr, k=n: self._read_span(a, k))  # type: ignore[misc]
+            step(n)
+            addr += n
+        return bytes(data)
+
+    def _read_span(self, address: int, length: int) -> bytes:
+        """``length`` bytes from ``address``; protocols that read any length override this."""
+        assert self.chip is not None and length == self.chip.page_size
+        return self._read_page(address)
 
     def _verify_error(self, bad: tuple[int, bytes, bytes]) -> VerifyError:
         addr, want, got = bad
@@ -447,14 +487,10 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         info = self.identify()
         assert self.chip is not None
         size = self.chip.page_size
-        total = info.app_end - info.app_start
-        chunks: list[bytes] = []
-        progress(Progress(STAGE_READING, 0, total))
-        for addr in range(info.app_start, info.app_end, size):
-            if cancel is not None:
-                cancel.check()
-            chunks.append(self._with_recovery(lambda a=addr: self._read_page(a)))  # type: ignore[misc]
-            progress(Progress(STAGE_READING, addr + size - info.app_start, total))
+        pages = self._read_pages(
+            list(range(info.app_start, info.app_end, size)), STAGE_READING, progress, cancel
+        )
+        chunks = [pages[a] for a in sorted(pages)]
         data = b"".join(chunks).rstrip(b"\xff")
         data += b"\xff" * (-len(data) % 2)
         segs = [Segment(info.app_start, data)] if data else []
