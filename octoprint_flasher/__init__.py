@@ -31,6 +31,7 @@ if HAVE_OCTOPRINT:
     from octoprint.access.permissions import Permissions
     from octoprint.events import Events
 
+    from . import methods
     from . import settings as flasher_settings
     from .api import FlasherApi, MessageThrottle, TargetMemory, target_to_json
     from .host import HostOptions, OctoPrintHost
@@ -64,6 +65,7 @@ if HAVE_OCTOPRINT:
             # the flasher opener; None means methods.open_flasher (tests inject a fake board)
             self._opener: Optional[Callable[..., Any]] = None
             self._current_image_id: Optional[str] = None
+            self._active_flasher: Any = None
 
         ##~~ lifecycle
 
@@ -77,15 +79,17 @@ if HAVE_OCTOPRINT:
                 max_size=flasher_settings.max_upload_bytes(self._settings.get(["max_upload_mb"])),
             )
             self._targets = TargetMemory(data / "targets.json")
-            self._host = OctoPrintHost(self._printer, self._host_options(), log=self._console_line)
+            self._host = OctoPrintHost(
+                self._printer,
+                self._host_options(),
+                log=self._console_line,
+                release_transport=self._close_active_flasher,
+            )
             self._throttle = MessageThrottle(self._send_message)
             self._throttle.start()
-            if self._opener is None:
-                self._job = FlashJob(self._store, self._host, self._on_job_event)
-            else:
-                self._job = FlashJob(
-                    self._store, self._host, self._on_job_event, opener=self._opener
-                )
+            self._job = FlashJob(
+                self._store, self._host, self._on_job_event, opener=self._open_flasher
+            )
             self._setup_console_log()
 
         def on_after_startup(self) -> None:
@@ -223,6 +227,23 @@ if HAVE_OCTOPRINT:
                 self._settings.save()
 
         ##~~ internals
+
+        def _open_flasher(self, target: Target, log: Optional[Callable[[str], None]]) -> Any:
+            """Open through the registry (or the injected opener) and keep the flasher, so the
+            host can free the serial port before OctoPrint reconnects to it."""
+            opener = self._opener or methods.open_flasher
+            flasher = opener(target, log)
+            with self._lock:
+                self._active_flasher = flasher
+            return flasher
+
+        def _close_active_flasher(self) -> None:
+            """Release the flasher's transport (``close()`` is safe twice; the job closes it
+            again when it ends)."""
+            with self._lock:
+                flasher, self._active_flasher = self._active_flasher, None
+            if flasher is not None:
+                flasher.close()
 
         def _host_options(self) -> HostOptions:
             return HostOptions(

@@ -53,8 +53,11 @@ class OctoPrintHost:
         log: Optional[Callable[[str], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        release_transport: Optional[Callable[[], None]] = None,
     ) -> None:
         self._printer = printer
+        # frees the port the flasher still holds: OctoPrint cannot open a port that is in use
+        self._release_transport = release_transport or (lambda: None)
         self.options = options or HostOptions()
         self._log = log or (lambda _line: None)
         self._sleep = sleep
@@ -104,6 +107,7 @@ class OctoPrintHost:
             if conn is None:
                 self._log("The printer was not connected before the flash; not connecting.")
                 return
+            self._release_transport()
             if self.options.settle_delay > 0:
                 # give the new firmware time to boot (and a USB device time to re-enumerate)
                 self._sleep(self.options.settle_delay)
@@ -160,10 +164,11 @@ class OctoPrintHost:
             if state not in ("OFFLINE", "CLOSED", ""):
                 seen_connecting = True
             if self._clock() >= deadline:
+                error = self._printer.get_error()
                 raise ConnectError(
                     f"The printer was not Operational {self.options.reconnect_timeout:.0f} s "
                     f"after reconnecting on {conn.port} (state: "
-                    f"{self._printer.get_state_string()}).",
+                    f"{self._printer.get_state_string()}{'; ' + error if error else ''}).",
                     cause="The firmware is slow to boot, or it does not answer like a printer.",
                     hint="Wait a moment and connect from the Connection panel; raise the "
                     "reconnect timeout in the settings if this board boots slowly.",

@@ -109,7 +109,8 @@ class Harness:
         self.grant = True
         self.printer = FakePrinter()
         self.settings = FakeSettings(tmp_path)
-        self.settings.values.update({"settle_delay": 0.0, "pre_gcode": ""})
+        self.settings.values.update({"settle_delay": 0.0, "pre_gcode": "", "reconnect_timeout": 2})
+        self.printer.port_busy = lambda: board.port_open
         plugin = octoprint_flasher.__plugin_implementation__.__class__()
         plugin._identifier = "flasher"
         plugin._plugin_name = "Firmware Updater"

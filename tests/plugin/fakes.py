@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from octoprint_flasher.errors import ProtocolError
 from octoprint_flasher.firmware import FirmwareImage, Segment
@@ -42,6 +42,7 @@ class MemoryBoard:
         self.page_delay = 0.0
         self.gate: Optional[threading.Event] = None  # a write waits for it when set
         self.writes = 0
+        self.port_open = False  # the flasher holds the serial port
 
 
 class FakeFlasher(Flasher):
@@ -50,6 +51,7 @@ class FakeFlasher(Flasher):
     def __init__(self, board: MemoryBoard, log: Optional[LogCallback] = None) -> None:
         super().__init__(log)
         self.board = board
+        board.port_open = True
 
     def identify(self) -> TargetInfo:
         self.board.in_bootloader = True
@@ -106,7 +108,7 @@ class FakeFlasher(Flasher):
         self.board.in_bootloader = False
 
     def close(self) -> None:
-        pass
+        self.board.port_open = False
 
 
 class FakePrinter:
@@ -121,6 +123,7 @@ class FakePrinter:
         self.comes_back = True
         self.error = ""
         self.connects: list[dict[str, Any]] = []
+        self.port_busy: Callable[[], bool] = lambda: False
         self.disconnects = 0
         self.sent: list[str] = []
 
@@ -134,7 +137,10 @@ class FakePrinter:
         self, port: Any = None, baudrate: Any = None, profile: Any = None, **kw: Any
     ) -> None:
         self.connects.append({"port": port, "baudrate": baudrate, "profile": profile})
-        if self.comes_back:
+        if self.port_busy():  # what OctoPrint does when another program holds the port
+            self.state = "OPEN_SERIAL"
+            self.error = f"Failed to connect: Port {port} is busy or does not exist"
+        elif self.comes_back:
             self.state = "OPERATIONAL"
             self.port, self.baudrate = port, baudrate
         else:

@@ -155,6 +155,18 @@ def test_flash_reconnects_with_the_profile_id_not_the_profile_dict(
     ]
 
 
+def test_the_flasher_frees_the_port_before_octoprint_reconnects(
+    harness: Harness, hex_file: Path
+) -> None:
+    image_id = _upload_ok(harness, hex_file)["image"]["id"]
+    harness.client.post("/plugin/flasher/flash", json={"image_id": image_id, "target": TARGET})
+    status = harness.wait_idle()
+    assert status["result"]["reconnected"] is True, status["result"]
+    assert status["result"]["warnings"] == []
+    assert harness.printer.state == "OPERATIONAL"
+    assert harness.board.port_open is False
+
+
 def test_flash_fires_started_and_done_events(harness: Harness, hex_file: Path) -> None:
     image_id = _upload_ok(harness, hex_file)["image"]["id"]
     harness.client.post("/plugin/flasher/flash", json={"image_id": image_id, "target": TARGET})
