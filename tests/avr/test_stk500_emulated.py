@@ -348,3 +348,20 @@ def test_auto_detects_each_bootloader_and_flashes_in_the_same_session(
         assert b.stats.resets == 1
         assert info.method == ("stk500v1" if kind == "optiboot" else "stk500v2")
         assert b.flash[:600] == payload(600)
+
+
+def test_probe_names_bootloader_baud_and_chip_and_lets_the_app_run(
+    boards: list[Stk500Board],
+) -> None:
+    b = board(boards, "stk500v2", "m2560", app=payload(512))
+    found = avr_auto.probe(b.port)
+    assert found == {
+        "method": "stk500v2",
+        "baud": 115200,
+        "chip": "ATmega2560",
+        "signature": "1e9801",
+        "bootloader": "stk500v2 (AVRISP_2)",
+        "port": b.port,
+    }
+    assert b.state == "app"
+    assert "monitor entered (!!!)" not in b.stats.log
