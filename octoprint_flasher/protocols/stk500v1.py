@@ -150,8 +150,8 @@ class Stk500v1:
         return self._expect("READ_SIGN", 3, self.timeout)
 
     def _address(self, byte_address: int, extended: bool) -> tuple[bytes, bytes]:
-        """The address commands for ``byte_address`` and the answers they produce
-        (``None`` bytes in the answer are "any value")."""
+        """The address commands for ``byte_address`` and the answers they produce (when
+        UNIVERSAL leads, its answer byte at index 1 may be anything)."""
         cmd = b""
         answer = b""
         if extended and (byte_address >> 17) != self._segment:
@@ -182,10 +182,9 @@ class Stk500v1:
         return got[head : head + length]
 
     def _check(self, got: bytes, want: bytes, what: str) -> None:
-        # the UNIVERSAL answer byte (index 1 of a 3-byte answer) is "don't care"
+        universal = want[:3] == bytes([INSYNC, 0, OK]) and len(want) > 4
         same = len(got) == len(want) and all(
-            g == w or (w == 0 and i == 1 and len(want) > 4 and want[2] == OK)
-            for i, (g, w) in enumerate(zip(got, want))
+            g == w or (universal and i == 1) for i, (g, w) in enumerate(zip(got, want))
         )
         if same:
             return
