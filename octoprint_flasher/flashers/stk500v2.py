@@ -26,7 +26,7 @@ from ..firmware import FirmwareImage
 from ..flasher import STAGE_READING, CancelToken, LogCallback, Progress, ProgressCallback
 from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
 from ..reset import ManualReset, ResetStrategy, reset_chain, wiring_reset
-from ..serial_port import SerialLink
+from ..serial_port import SerialLink, modem_lines_work
 from ..target import Target
 from .avr_base import AvrSerialFlasher, prompt_or_none
 from .stk500v1 import link_for
@@ -186,8 +186,32 @@ class Stk500v2Flasher(AvrSerialFlasher):
         progress: Callable[[int], None],
         cancel: Optional[CancelToken],
     ) -> list[tuple[int, bytes]]:
+        """Write ``pages`` (a run from page 0). Page 0 goes in as 0xFF first and gets its real
+        content in a second, one-page session at the end: until then flash word 0 reads
+        0xFFFF, and this bootloader never starts an application whose word 0 is 0xFFFF, so
+        a flash that fails half-way leaves the board waiting in its bootloader."""
         if not pages:
             return []
+        addr0, data0 = pages[0]
+        blank = b"\xff" * len(data0)
+        last_page_0 = data0 != blank and self._can_reset()
+        first = [(addr0, blank), *pages[1:]] if last_page_0 else pages
+        written = self._session_with_retries(first, progress, cancel)
+        if last_page_0:
+            self.log("STK500v2: writing page 0 last, in its own session")
+            self._session_with_retries([(addr0, data0)], lambda n: None, cancel)
+            written = [(addr0, data0), *written[1:]]
+        return written
+
+    def _can_reset(self) -> bool:
+        return self.link.can_reopen or modem_lines_work(self.link.ser)
+
+    def _session_with_retries(
+        self,
+        pages: list[tuple[int, bytes]],
+        progress: Callable[[int], None],
+        cancel: Optional[CancelToken],
+    ) -> list[tuple[int, bytes]]:
         while True:
             if self.programmed or not self.in_bootloader:
                 # the erase pointer has moved on: only a reset brings it back to page 0

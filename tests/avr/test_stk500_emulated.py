@@ -345,7 +345,9 @@ def test_auto_detects_each_bootloader_and_flashes_in_the_same_session(
             f.flash(image_from_bytes(payload(600), 0))
         finally:
             f.close()
-        assert b.stats.resets == 1
+        # one reset to detect and flash; the Mega bootloader gets a second, one-page
+        # session for page 0 (written last, see the next test)
+        assert b.stats.resets == (1 if kind == "optiboot" else 2)
         assert info.method == ("stk500v1" if kind == "optiboot" else "stk500v2")
         assert b.flash[:600] == payload(600)
 
@@ -365,3 +367,30 @@ def test_probe_names_bootloader_baud_and_chip_and_lets_the_app_run(
     }
     assert b.state == "app"
     assert "monitor entered (!!!)" not in b.stats.log
+
+
+def test_stk500v2_keeps_word_0_blank_until_the_end_so_a_failed_flash_stays_in_the_bootloader(
+    boards: list[Stk500Board],
+) -> None:
+    """The Mega bootloader only leaves for an application whose word 0 is not 0xFFFF: page 0
+    is written as 0xFF first and gets its content in a last one-page session."""
+    from octoprint_flasher.errors import CancelledError
+    from octoprint_flasher.flasher import STAGE_WRITING, CancelToken, Progress
+
+    b = board(boards, "stk500v2", "m2560", app=payload(4096, seed=3))
+    cancel = CancelToken()
+
+    def progress(p: Progress) -> None:
+        if p.stage == STAGE_WRITING and p.done >= 2048:
+            cancel.cancel()
+
+    f = open_for(b)
+    try:
+        f.identify()
+        with pytest.raises(CancelledError):
+            f.flash(image_from_bytes(payload(4096), 0), progress, cancel)
+    finally:
+        f.close()
+    assert b.flash[0:256] == b"\xff" * 256
+    assert b.flash[256:2048] == payload(4096)[256:2048]
+    assert b.state == "bootloader"
