@@ -376,7 +376,7 @@ class DfuFlasher(Flasher):
         sectors = self._sectors(image)
         self._jump = image.start
         try:
-            if self.target.options.get("unprotect"):
+            if self.target.options.get("unprotect") and self._read_protected(image.start):
                 session = self._unprotect()
             todo = sectors
             if quick and not mass:
@@ -491,6 +491,20 @@ class DfuFlasher(Flasher):
                     "repeats, power-cycle the board with BOOT0 held high and try once more.",
                 )
         return total
+
+    def _read_protected(self, address: int) -> bool:
+        """Whether reading is refused with errVENDOR: only then is unprotecting (which erases
+        the whole chip) worth its price; otherwise the request is ignored with a note."""
+        session = self.session
+        assert session is not None
+        try:
+            session.read(address, 8)
+        except DfuStatusError as exc:
+            if exc.status.status == Status.ERR_VENDOR:
+                return True
+            raise
+        self.log("dfu: the chip is not read-protected; 'unprotect' ignored, nothing mass-erased")
+        return False
 
     def _unprotect(self) -> DfuSession:
         """Remove read-out protection (the chip mass-erases itself), then reconnect."""

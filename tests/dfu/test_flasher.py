@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from dataclasses import replace
 
 import pytest
 
@@ -19,7 +20,7 @@ from octoprint_flasher.errors import (
 from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flasher import STAGE_ERASING, STAGE_VERIFYING, STAGE_WRITING, CancelToken
 from tests.dfu.conftest import Board, bin_image, klipper_like, make_board, placed
-from tests.emulators.dfu_device import F446, H723, DfuBackend, EmulatedDfuDevice, Faults
+from tests.emulators.dfu_device import F429, F446, H723, DfuBackend, EmulatedDfuDevice, Faults
 
 K = 1024
 ERASE, SET_ADDRESS = 0x41, 0x21
@@ -256,6 +257,23 @@ class TestFaults:
         flasher.flash(bin_image(data))
         assert f446.dev.mass_erased == 1
         assert f446.dev.read_flash(0x08000000, len(data)) == data
+
+    def test_unprotect_on_an_unprotected_chip_erases_nothing_extra(self, f446: Board) -> None:
+        bootloader = f446.dev.read_flash(0x08000000, 32 * K)
+        data = klipper_like(0x08008000, 4 * K)
+        f446.flasher(options={"unprotect": True}).flash(bin_image(data))
+        assert f446.dev.mass_erased == 0
+        assert f446.dev.read_flash(0x08000000, 32 * K) == bootloader
+        assert any("not read-protected" in line for line in f446.log)
+
+    def test_address_the_rom_refuses_is_explained(self) -> None:
+        # a ROM whose layout string promises more flash than the chip accepts
+        model = replace(F446, alt_names=(F429.alt_names[0],) + F446.alt_names[1:])
+        dev = EmulatedDfuDevice(model, time_scale=0.01)
+        board = Board(DfuBackend([dev]), dev)
+        with pytest.raises(PreflightError, match="does not accept that address") as info:
+            board.flasher().flash(placed(klipper_like(0x08080000, 4 * K), 0x08080000))
+        assert "start address" in info.value.hint
 
     def test_unplugged_mid_write(self, f446: Board) -> None:
         f446.dev.faults.disappear_after_bytes = 10 * K
