@@ -216,10 +216,7 @@ def run_end_to_end(link: str, rate: int, size: int) -> Row:
 def run_flashtool(tool: str, rate: int, size: int) -> Optional[float]:
     """Katapult's flashtool.py, serial mode, on the same emulated UART board."""
     world = UsbWorld()
-    # flashtool refuses a port another process holds open, so the pty's device side is free
-    board = EmulatedBoard(
-        interface="uart", baud=rate, time_scale=1.0, world=world, hold_pty_slave=False
-    )
+    board = EmulatedBoard(interface="uart", baud=rate, time_scale=1.0, world=world)
     board.install_app(make_klipper_bin(size=size, seed=1, canbus_frequency=None))
     new = make_klipper_bin(size=size, seed=2, canbus_frequency=None)
     board.start()
@@ -316,8 +313,10 @@ def write_results(
         )
     lines += [
         "",
-        "*Host turnaround*: summed time between the node's last reply byte and the host's "
-        "next command. *End to end*: bootloader request to Klipper, polling until Katapult "
+        "*Host turnaround*: measured at the emulated node, the summed time from handing "
+        "over its last reply frame to receiving the host's next command (host processing "
+        "plus both threads' wake-ups). *End to end*: bootloader request to Klipper, polling "
+        "until Katapult "
         "answers (no fixed sleeps; the model reboots in 0.15 s), CONNECT, checks, flash, "
         "verify, COMPLETE and, on CAN, until the new Klipper answers a query. Katapult's "
         "flashtool sleeps a fixed 2.0 s on CAN before CONNECT (1.0 + 0.5 + 0.5 s).",

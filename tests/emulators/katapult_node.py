@@ -493,7 +493,6 @@ class EmulatedBoard:
         reboot_seconds: float = 0.15,
         faults: Optional[Faults] = None,
         block_size: int = 64,
-        hold_pty_slave: bool = True,
     ) -> None:
         self.chip = CHIPS[chip]
         self.interface = interface
@@ -513,9 +512,6 @@ class EmulatedBoard:
         self.reboot_seconds = reboot_seconds
         self.faults = faults or Faults()
         self.block_size = block_size
-        #: keep our own handle on the pty's device side (needed to see the 1200-baud touch);
-        #: tools that refuse a port another process holds (Katapult's flashtool) need False
-        self.hold_pty_slave = hold_pty_slave
         if interface == "usb-can-bridge":
             self.uuid = kc.uuid_from_chip_id(bytes.fromhex(self.usb_serial))
         else:
@@ -882,15 +878,16 @@ class _SerialRunner:
         self.board = board
         self.kind = kind
         self.usb_id = usb_id
-        self.master, self.slave = os.openpty()
-        tty.setraw(self.slave)
-        attrs = termios.tcgetattr(self.slave)
+        self.master, slave = os.openpty()
+        tty.setraw(slave)
+        attrs = termios.tcgetattr(slave)
         attrs[3] &= ~termios.ECHO
-        termios.tcsetattr(self.slave, termios.TCSANOW, attrs)
-        self.device = os.ttyname(self.slave)
-        if not board.hold_pty_slave:
-            os.close(self.slave)
-            self.slave = -1
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        self.device = os.ttyname(slave)
+        # the device side stays free, like a real port nobody has opened yet (tools that
+        # refuse a port someone holds, e.g. Katapult's flashtool, then work too); Linux
+        # reports the device side's line settings through the master as well
+        os.close(slave)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="katapult-pty-node", daemon=True)
         self._magic = bytearray()
@@ -918,13 +915,10 @@ class _SerialRunner:
         self._stop.set()
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(2)
-        for fd in (self.master, self.slave):
-            if fd < 0:
-                continue
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        try:
+            os.close(self.master)
+        except OSError:
+            pass
 
     def _byte_seconds(self, n: int) -> float:
         if self.kind == "uart":
@@ -966,7 +960,7 @@ class _SerialRunner:
             try:
                 data = os.read(self.master, 4096)
             except OSError:
-                if self.slave < 0 and not self._stop.is_set():
+                if not self._stop.is_set():
                     time.sleep(0.002)  # nobody has the port open (EIO): wait for one
                     continue
                 return
@@ -974,10 +968,8 @@ class _SerialRunner:
                 self._on_data(data)
 
     def _touched_1200(self) -> bool:
-        if self.slave < 0:
-            return False
         try:
-            speed = termios.tcgetattr(self.slave)[4]
+            speed = termios.tcgetattr(self.master)[4]
         except termios.error:
             return False
         return speed == termios.B1200
