@@ -44,7 +44,8 @@ def port_holders(port: str, proc: str = "/proc") -> list[PortHolder]:
     """Processes other than this one that have ``port`` open, found through ``/proc/*/fd``.
 
     pyserial's ``exclusive=True`` only stops programs that also take the lock; OctoPrint and
-    screen do not, so this scan is what catches "OctoPrint is still connected"."""
+    screen do not, so this scan is what catches "OctoPrint is still connected". This process
+    counts too: inside OctoPrint, the printer connection lives in the same process."""
     try:
         wanted = os.path.realpath(port)
     except OSError:
@@ -56,8 +57,6 @@ def port_holders(port: str, proc: str = "/proc") -> list[PortHolder]:
     except OSError:
         return []
     for pid in pids:
-        if pid == me:
-            continue
         fd_dir = f"{proc}/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
@@ -66,7 +65,10 @@ def port_holders(port: str, proc: str = "/proc") -> list[PortHolder]:
         for fd in fds:
             try:
                 if os.readlink(f"{fd_dir}/{fd}") == wanted:
-                    found.append(PortHolder(pid, _process_name(proc, pid)))
+                    name = _process_name(proc, pid)
+                    if pid == me:
+                        name += " — this process, e.g. OctoPrint's own printer connection"
+                    found.append(PortHolder(pid, name))
                     break
             except OSError:
                 continue
