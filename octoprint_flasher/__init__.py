@@ -185,6 +185,16 @@ if HAVE_OCTOPRINT:
                 return True
             return False
 
+        def socket_emit_hook(
+            self, socket: Any, user: Any, message: str, payload: Any, *args: Any, **kwargs: Any
+        ) -> bool:
+            """Our events name firmware files and boards: only FLASH users receive them."""
+            if message != "event" or not isinstance(payload, dict):
+                return True
+            if payload.get("type") not in (EVENT_STARTED, EVENT_DONE, EVENT_FAILED):
+                return True
+            return bool(user and user.has_permission(Permissions.PLUGIN_FLASHER_FLASH))
+
         def get_update_information(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
             return {
                 "flasher": {
@@ -353,6 +363,7 @@ if HAVE_OCTOPRINT:
         "octoprint.server.http.bodysize": __plugin_implementation__.bodysize_hook,
         "octoprint.printer.handle_connect": __plugin_implementation__.handle_connect,
         "octoprint.events.register_custom_events": register_custom_events,
+        "octoprint.server.sockjs.emit": __plugin_implementation__.socket_emit_hook,
         "octoprint.plugin.softwareupdate.check_config": (
             __plugin_implementation__.get_update_information
         ),

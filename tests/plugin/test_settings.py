@@ -97,3 +97,21 @@ def test_software_update_uses_the_pypi_release_of_the_package(harness: Harness) 
     assert check["type"] == "pypi_release"
     assert check["package"] == "OctoPrint-Flasher"
     assert "{target_version}" in check["pip"]
+
+
+class User:
+    def __init__(self, allowed: bool) -> None:
+        self.allowed = allowed
+
+    def has_permission(self, permission: object) -> bool:
+        return self.allowed
+
+
+def test_flash_events_reach_only_users_with_the_flash_permission(harness: Harness) -> None:
+    emit = harness.plugin.socket_emit_hook
+    done = {"type": "plugin_flasher_flash_done", "payload": {"filename": "marlin.hex"}}
+    assert emit(None, User(True), "event", done) is True
+    assert emit(None, User(False), "event", done) is False
+    assert emit(None, None, "event", done) is False
+    assert emit(None, User(False), "event", {"type": "Connected"}) is True
+    assert emit(None, User(False), "current", {}) is True
