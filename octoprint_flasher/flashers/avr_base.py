@@ -195,7 +195,7 @@ class AvrSerialFlasher(Flasher, abc.ABC):
             self.enter()
         chip = self.chip
         assert chip is not None
-        boot_start, how = self._find_boot_start(chip)
+        boot_start, how = self._table_boot_start(chip)
         self.info = TargetInfo(
             method=self.method,
             chip=chip.name,
@@ -220,6 +220,13 @@ class AvrSerialFlasher(Flasher, abc.ABC):
     def _details(self) -> dict[str, Any]:
         return {}
 
+    def _table_boot_start(self, chip: Chip) -> tuple[int, str]:
+        """The smallest bootloader this protocol has on this chip (from :mod:`chips`): an
+        image reaching past it certainly overlaps the bootloader. Whether a smaller image
+        fits is decided by :meth:`check`, which reads the flash only when it matters."""
+        sizes = [b.size for b in chips.bootloaders_for(chip.name) if b.protocol == self.method]
+        return chip.flash_size - (min(sizes) if sizes else chip.boot_sizes[0]), "table"
+
     def _find_boot_start(self, chip: Chip) -> tuple[int, str]:
         """Where the bootloader's code begins: the lowest BOOTSZ candidate (one page read
         each) whose first page is programmed. A bootloader's code always starts at its
@@ -236,7 +243,16 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         # nothing programmed at any candidate: assume the largest known bootloader
         sizes = [b.size for b in chips.bootloaders_for(chip.name) if b.protocol == self.method]
         size = max(sizes) if sizes else chip.boot_sizes[-1]
-        return chip.flash_size - size, "table"
+        return chip.flash_size - size, "table (flash top reads empty)"
+
+    def _locate_bootloader(self, target: TargetInfo) -> None:
+        """Replace the table's bootloader start by the one read from the flash."""
+        assert self.chip is not None
+        start, how = self._find_boot_start(self.chip)
+        target.app_end = start
+        target.details["bootloader_start"] = start
+        target.details["bootloader_found_by"] = how
+        self.log(f"{self.protocol_name}: bootloader starts at 0x{start:05X} ({how})")
 
     def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
         warnings: list[str] = []
@@ -250,6 +266,14 @@ class AvrSerialFlasher(Flasher, abc.ABC):
             )
         if not image.segments:
             raise PreflightError("The firmware image is empty.", hint="Pick another file.")
+        if (
+            self.chip is not None
+            and self.in_bootloader
+            and image.end > self.chip.flash_size - max(self.chip.boot_sizes)
+            and target.details.get("bootloader_found_by") == "table"
+        ):
+            # the image reaches where a bootloader may start: find out where this one does
+            self._locate_bootloader(target)
         if image.start < 0 or image.end > target.flash_size:
             raise PreflightError(
                 f"The image spans 0x{image.start:05X}-0x{image.end - 1:05X}, outside the "
@@ -486,6 +510,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
     ) -> FirmwareImage:
         info = self.identify()
         assert self.chip is not None
+        if info.details.get("bootloader_found_by") == "table":
+            self._locate_bootloader(info)  # a backup must stop where the bootloader starts
         size = self.chip.page_size
         pages = self._read_pages(
             list(range(info.app_start, info.app_end, size)), STAGE_READING, progress, cancel

@@ -58,7 +58,7 @@ def test_auto_flash_verify_and_the_new_app_boots(
 ) -> None:
     cfg = CONFIGS[config]
     old = testfw_hex(cfg.mcu, "OLD", size=3000, baud=cfg.baud)
-    new = load(testfw_hex(cfg.mcu, "NEW", size=4097, baud=cfg.baud))
+    new = load(testfw_hex(cfg.mcu, "NEW", size=4098, baud=cfg.baud))
     board = simboard_factory(config, app_hex=old)
     found = probe(board.port)
     assert found is not None
@@ -77,7 +77,7 @@ def test_auto_flash_verify_and_the_new_app_boots(
 def test_stk500v2_image_above_128k_on_the_2560(
     simboard_factory: Factory, testfw_hex: FwBuilder
 ) -> None:
-    image = load(testfw_hex("atmega2560", "BIG", size=136 * 1024 + 3))
+    image = load(testfw_hex("atmega2560", "BIG", size=136 * 1024 + 2))
     board = simboard_factory("m2560-stk500v2")
     flash(board, image, method="stk500v2")
     assert holds(board.flash_dump(), image)
@@ -101,7 +101,7 @@ def test_images_with_holes_and_odd_sizes(
     config: str, simboard_factory: Factory, testfw_hex: FwBuilder
 ) -> None:
     cfg = CONFIGS[config]
-    app = load(testfw_hex(cfg.mcu, "HOLES", size=2049, baud=cfg.baud))
+    app = load(testfw_hex(cfg.mcu, "HOLES", size=2050, baud=cfg.baud))
     blob = bytes(random.Random(5).randrange(256) for _ in range(333))
     image = FirmwareImage([*app.segments, Segment(0x1F02, blob)])
     board = simboard_factory(config)
