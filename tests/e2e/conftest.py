@@ -304,6 +304,7 @@ class SocketCollector:
         self.ws = websocket.create_connection(url, timeout=10)
         self.ws.send(json.dumps({"auth": f"{me['name']}:{me['session']}"}))
         self.messages: list[dict[str, Any]] = []
+        self.arrived: list[float] = []  # time.monotonic() of each message, same index
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="ws-collector", daemon=True)
@@ -326,6 +327,7 @@ class SocketCollector:
                 continue
             with self._cond:
                 self.messages.append(message)
+                self.arrived.append(time.monotonic())
                 self._cond.notify_all()
 
     def close(self) -> None:
@@ -346,6 +348,16 @@ class SocketCollector:
         return [
             m["plugin"]["data"]
             for m in self.since(mark)
+            if isinstance(m.get("plugin"), dict) and m["plugin"].get("plugin") == "flasher"
+        ]
+
+    def flasher_times(self, mark: int) -> list[float]:
+        """Arrival times of the plugin's messages since ``mark`` (to check the rate limit)."""
+        with self._cond:
+            pairs = list(zip(self.messages[mark:], self.arrived[mark:]))
+        return [
+            t
+            for m, t in pairs
             if isinstance(m.get("plugin"), dict) and m["plugin"].get("plugin") == "flasher"
         ]
 
@@ -470,11 +482,13 @@ def browser_firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="package")
-def oversized_firmware() -> Path:
+def oversized_firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A Mega 2560 build of 140 KiB: more than the 1284P's whole 128 KiB flash."""
     from tests.emulators.simboard import build_test_firmware
 
-    path: Path = build_test_firmware("atmega2560", "E2E-Mega", size=140 * 1024)
+    built = build_test_firmware("atmega2560", "E2E-Mega", size=140 * 1024)
+    path = tmp_path_factory.mktemp("upload-mega") / "mega2560-firmware.hex"
+    shutil.copyfile(built, path)
     return path
 
 

@@ -65,11 +65,13 @@ def page(
             context.close()
 
 
-def shot(page: Any, name: str, focus: Optional[str] = None) -> Path:
-    """Save the viewport as docs/screenshots/<name>.png, scrolled so ``focus`` is in view."""
+def shot(page: Any, name: str, focus: Optional[str] = None, settle_ms: int = 300) -> Path:
+    """Save the viewport as docs/screenshots/<name>.png, scrolled so ``focus`` is in view,
+    after ``settle_ms`` for Knockout to finish redrawing (0 to catch a moving bar)."""
     if focus is not None:
         page.locator(focus).scroll_into_view_if_needed()
-    page.wait_for_timeout(300)  # let Knockout finish its redraw
+    if settle_ms:
+        page.wait_for_timeout(settle_ms)
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     path = SCREENSHOTS / f"{name}.png"
     page.screenshot(path=str(path), animations="disabled")
@@ -77,6 +79,7 @@ def shot(page: Any, name: str, focus: Optional[str] = None) -> Path:
 
 
 def open_flasher_settings(page: Any, server: OctoPrintServer) -> None:
+    """Load OctoPrint's UI (logging in through its form if needed) and open our settings."""
     page.goto(server.url("/"))
     if page.locator("#login-user").is_visible():
         page.fill("#login-user", ADMIN[0])
@@ -163,7 +166,7 @@ def test_flash_from_the_settings_page(
 
     flash_and_confirm(page)
     poll("the progress bar to move", lambda: 0 < bar_percent(page) < 100, timeout=60, interval=0.1)
-    shot(page, "03-flashing", focus="#flasher_progress")
+    shot(page, "03-flashing", focus="#flasher_progress", settle_ms=0)
 
     result = page.locator("#flasher_result.flasher-success, #flasher_result.flasher-failure")
     result.wait_for(state="visible", timeout=180_000)
@@ -179,8 +182,7 @@ def test_wrong_chip_named_by_the_user_is_refused_before_flashing(
 ) -> None:
     """With the chip typed in, the page refuses a Mega 2560 image bigger than the 1284P's
     whole flash at upload time, says why, and offers no Flash button."""
-    if not page.locator("#settings_plugin_flasher").is_visible():
-        open_flasher_settings(page, octoprint_server)
+    open_flasher_settings(page, octoprint_server)  # a fresh page: no verdict from before
     choose_port(page, printer.port)
     page.fill("#flasher_mcu", "atmega1284p")
     verdict = upload(page, oversized_firmware)
@@ -201,10 +203,8 @@ def test_image_too_big_for_the_board_fails_without_touching_it(
     bootloader and refuses before writing, so the board keeps its firmware."""
     admin.wait_idle(timeout=120)
     before = printer.board.flash_dump()
-    if not page.locator("#settings_plugin_flasher").is_visible():
-        open_flasher_settings(page, octoprint_server)
+    open_flasher_settings(page, octoprint_server)  # a fresh page: no verdict from before
     choose_port(page, printer.port)
-    page.fill("#flasher_mcu", "")
     verdict = upload(page, oversized_firmware)
     assert "flasher-ok" in (verdict.get_attribute("class") or ""), verdict.inner_text()
     flash_and_confirm(page)
