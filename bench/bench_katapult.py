@@ -294,7 +294,7 @@ def write_results(
         "# Katapult: throughput vs the stop-and-wait bound",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-        "`.venv/bin/python bench/bench_katapult.py` on this machine (2 shared cores), against "
+        "`[KATAPULT_FLASHTOOL=...] .venv/bin/python bench/bench_katapult.py` on this machine (2 shared cores), against "
         "the emulated STM32G0B1 of `tests/emulators/katapult_node.py` in real time (2 KiB "
         "pages, 22 ms page erase, 0.68 ms per 64-byte block program). Each flash re-flashes "
         "over an older build, so every page is erased first. *Bound* = bus time of every "
@@ -334,7 +334,15 @@ def write_results(
         ]
         for size, theirs, ours in tool_rows:
             lines.append(f"| {size // KIB} KiB | {theirs:.3f} s | {ours:.3f} s |")
-        lines.append("")
+        lines += [
+            "",
+            "Both tools sit near the UART's stop-and-wait bound: at 250000 baud there is "
+            "little left to win by host speed. The difference on a real bus is entry: "
+            "octoprint-flasher polls instead of sleeping a fixed 2.0 s (CAN) or 1 s (UART "
+            "request). Over UART our entry includes a 0.3 s CONNECT probe (is Katapult "
+            "already there?) before the request string.",
+            "",
+        ]
     elif not tool_tried:
         lines += [
             "flashtool.py was not compared in this run (set KATAPULT_FLASHTOOL to its path). "
