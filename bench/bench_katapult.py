@@ -294,7 +294,8 @@ def write_results(
         "# Katapult: throughput vs the stop-and-wait bound",
         "",
         f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with "
-        "`[KATAPULT_FLASHTOOL=...] .venv/bin/python bench/bench_katapult.py` on this machine (2 shared cores), against "
+        "`[KATAPULT_FLASHTOOL=...] .venv/bin/python bench/bench_katapult.py` on this "
+        "machine (2 shared cores), against "
         "the emulated STM32G0B1 of `tests/emulators/katapult_node.py` in real time (2 KiB "
         "pages, 22 ms page erase, 0.68 ms per 64-byte block program). Each flash re-flashes "
         "over an older build, so every page is erased first. *Bound* = bus time of every "
