@@ -59,22 +59,36 @@ SCENARIOS = [
 ]
 
 
+def _chunks(length: int, chunk: int) -> int:
+    """Read commands for ``length`` bytes from 0 in ``chunk`` pieces, split at 64 KiB."""
+    n, addr = 0, 0
+    while addr < length:
+        addr += min(chunk, length - addr, 0x10000 - (addr & 0xFFFF))
+        n += 1
+    return n
+
+
 def our_limit(cfg: BoardConfig, size: int) -> dict[str, float]:
     """Seconds our own protocol use needs on the wire (and with the chip's flash time)."""
     page = cfg.info.page_size
     pages = -(-size // page)
+    span = pages * page
     host = 10 / cfg.baud
     avr = 10 / avr_baud(cfg.baud)
     if cfg.protocol == "stk500v1":
-        # LOAD_ADDRESS + PROG_PAGE sent together, two answers; verify likewise
+        # LOAD_ADDRESS + PROG_PAGE sent together, two answers; reads of 244 bytes likewise
         write = pages * ((4 + 4 + page + 1) * host + 4 * avr)
-        verify = pages * ((4 + 5) * host + (2 + 2 + page) * avr)
+        reads = _chunks(span, 244)
+        verify = reads * ((4 + 5) * host + 4 * avr) + span * avr
         spm = 1
     else:
-        # one LOAD_ADDRESS per run, then PROGRAM_FLASH_ISP frames (page+16) / answers (8)
-        write = (11 * host + 8 * avr) + pages * ((page + 16) * host + 8 * avr)
-        verify = (11 * host + 8 * avr) + pages * (10 * host + (page + 9) * avr)
+        # one LOAD_ADDRESS, then PROGRAM_FLASH_ISP frames (page+16) / answers (8); page 0 is
+        # written twice (once blank, once last in its own session with its own LOAD_ADDRESS)
+        write = 2 * (11 * host + 8 * avr) + (pages + 1) * ((page + 16) * host + 8 * avr)
+        reads = _chunks(span, 280)
+        verify = (11 * host + 8 * avr) + reads * (10 * host + 9 * avr) + span * avr
         spm = 2
+        pages += 1
     return {
         "write": write,
         "verify": verify,
