@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -113,3 +114,42 @@ def test_usb_can_bridge_jumps_and_is_followed_to_usb_serial(
     assert "USB-CAN bridge" in " ".join(log)
     assert board.app_bytes(SMALL) == data
     assert wait_until(lambda: world.find_bridge(board.channel) is not None)  # can0 is back
+
+
+def test_klipper_usb_without_katapult_lands_in_rom_dfu(
+    make_board: MakeBoard, world: UsbWorld
+) -> None:
+    board = make_board(interface="usb", firmware="klipper", katapult_installed=False)
+    board.install_app(make_klipper_bin(canbus_frequency=None))
+    board.start()
+    assert board.port is not None
+    flasher = methods.open_flasher(serial_target(board.port, world))
+    with pytest.raises(ConnectError) as err:
+        flasher.identify()
+    flasher.close()
+    assert "ROM bootloader instead of Katapult" in err.value.message
+    assert "dfu method" in err.value.hint
+
+
+def test_bridge_is_found_in_sysfs(tmp_path: Path) -> None:
+    """/sys/class/net/can0/device -> the USB interface; its parent is the Klipper bridge."""
+    from octoprint_flasher.bootloader_entry import find_usb_can_bridge
+
+    usb = tmp_path / "devices" / "usb1" / "1-1.3"
+    (usb / "1-1.3:1.0").mkdir(parents=True)
+    for name, value in (
+        ("idVendor", "1d50"),
+        ("idProduct", "606f"),
+        ("manufacturer", "Klipper"),
+        ("serial", "0E0022001750425938323120"),
+    ):
+        (usb / name).write_text(value + "\n")
+    net = tmp_path / "class" / "net" / "can0"
+    net.mkdir(parents=True)
+    (net / "device").symlink_to(usb / "1-1.3:1.0")
+    found = find_usb_can_bridge("can0", sysfs=tmp_path)
+    assert found is not None and found.location == "1-1.3"
+    assert found.uuid.hex() == "6cbab3314b18"
+    (usb / "manufacturer").write_text("OpenMoko\n")  # a plain gs_usb adapter
+    assert find_usb_can_bridge("can0", sysfs=tmp_path) is None
+    assert find_usb_can_bridge("can1", sysfs=tmp_path) is None
