@@ -244,6 +244,21 @@ def expand_port_globs(patterns: list[str]) -> list[str]:
     return ports
 
 
+KEPT_UPLOADS = 20
+
+
+def prune_uploads(store: Any, keep: int = KEPT_UPLOADS) -> list[str]:
+    """Remove the oldest uploads beyond ``keep``: every target change re-checks the file as a
+    new upload, and a failed flash keeps its image, so without a bound they pile up. Backups
+    are never pruned (they are the way back)."""
+    uploads = [img for img in store.images() if not getattr(img, "backup", False)]
+    removed = []
+    for img in uploads[: max(0, len(uploads) - keep)]:
+        store.remove_image(img.id)
+        removed.append(img.id)
+    return removed
+
+
 class MessageThrottle:
     """Sends at most one plugin message per ``interval`` without losing meaning.
 
@@ -443,6 +458,8 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
                 safe_filename(values.get(name_key) or "firmware"),
                 base_address=target.address,
             )
+            if not self._job.running:  # never pull an image from under a running flash
+                prune_uploads(self._store)
             image = self._store.load_image(stored.id)
             report = check_offline(image, mcu_name=target.mcu, method=target.method)
         except FlashError as exc:

@@ -426,3 +426,15 @@ def test_status_mid_flash_lets_a_reloaded_page_resync(harness: Harness, hex_file
     assert any("Flash job" in line for line in status["log"])
     harness.board.gate.set()
     harness.wait_idle()
+
+
+def test_old_uploads_are_pruned_but_backups_are_kept(harness: Harness, hex_file: Path) -> None:
+    from octoprint_flasher.api import KEPT_UPLOADS
+    from octoprint_flasher.firmware import image_from_bytes
+
+    backup = harness.plugin._store.add_backup(image_from_bytes(b"\x01" * 64, 0), "/dev/ttyUSB0")
+    ids = [_upload_ok(harness, hex_file)["image"]["id"] for _ in range(KEPT_UPLOADS + 3)]
+    kept = {img.id for img in harness.plugin._store.images()}
+    assert backup.id in kept
+    assert set(ids[-KEPT_UPLOADS:]) <= kept
+    assert not set(ids[:3]) & kept
