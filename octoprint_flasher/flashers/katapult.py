@@ -508,7 +508,11 @@ class KatapultFlasher(Flasher):
         started = time.monotonic()
         img = self.placed(image)
         bs = self.client.block_size
-        blocks = list(img.blocks(bs, base=target.app_start))
+        # every block from the first to the last, holes filled with 0xFF: Katapult erases a
+        # page only when that page's first block arrives, so a skipped hole block could
+        # leave old data between new blocks (a later block would then be refused)
+        first = target.app_start + (img.start - target.app_start) // bs * bs
+        blocks = [(addr, img.read(addr, bs)) for addr in range(first, img.end, bs)]
         for attempt in (1, 2):
             try:
                 to_write, skipped = self._write_and_verify(blocks, target, quick, progress, cancel)

@@ -342,3 +342,21 @@ def test_seed_silence_carries_the_interface_advice(make_board: MakeBoard, world:
         flasher.identify()
     flasher.close()
     assert "8 receive errors" in err.value.cause and "termination" in err.value.cause
+
+
+def test_a_hex_with_a_hole_is_written_contiguously(make_board: MakeBoard, world: UsbWorld) -> None:
+    """Old firmware sits in the hole: it must be erased with its page, not left between."""
+    from octoprint_flasher.firmware import FirmwareImage, Segment
+
+    board = make_board(firmware="katapult").start()
+    board.install_app(b"\x00" * 4096)
+    head = make_klipper_bin(size=1024)
+    # the hole covers the first block of the second page (0x08002800)
+    image = FirmwareImage(
+        [Segment(0x08002000, head), Segment(0x08002800 + 64, b"\x5a" * 64)], kind="hex"
+    )
+    flasher = methods.open_flasher(can_target(board, world))
+    result = flasher.flash(image)
+    flasher.close()
+    assert result.blocks_written == (2048 + 128) // 64
+    assert board.app_bytes(2048 + 128) == head + b"\xff" * 1088 + b"\x5a" * 64
