@@ -10,10 +10,11 @@ is wiped. Consequences, each pinned in the tests:
   page, holes filled with 0xFF (the bootloader would erase them anyway);
 * a quick re-flash compares every page and then writes pages 0 up to the last changed one;
 * writing again in the same session (a retry after verify) needs a new session: a reset;
-* a PROGRAM_FLASH_ISP whose answer is lost may or may not have run. It is sent again after a
-  LOAD_ADDRESS: if it had run, the erase pointer is now one page *ahead*, which is harmless
-  (every later page was erased before it is written) except that one page past the run is
-  erased too, so a quick re-flash then writes on to the end of the image.
+* a PROGRAM_FLASH_ISP whose answer is lost may or may not have run, so nobody knows where the
+  erase pointer is: the session ends, the board is reset and the run starts again at page 0;
+* page 0 is written blank first and gets its content last, in a one-page session, so a flash
+  that fails half-way leaves word 0 at 0xFFFF and the bootloader never starts the half-written
+  application.
 """
 
 from __future__ import annotations
@@ -66,10 +67,7 @@ class Stk500v2Flasher(AvrSerialFlasher):
         self.proto = self._new_proto()
         #: PROGRAM_FLASH_ISP commands answered in this session (the erase pointer's lower bound)
         self.programmed = 0
-        #: a PROGRAM_FLASH_ISP was resent in this session: the erase pointer may be ahead
-        self.pointer_ahead = False
         self._address: Optional[int] = None
-        self._full_plan: list[tuple[int, bytes]] = []
 
     def _new_proto(self) -> Stk500v2:
         return Stk500v2(
@@ -102,7 +100,6 @@ class Stk500v2Flasher(AvrSerialFlasher):
 
     def _start_session(self) -> bytes:
         self.programmed = 0
-        self.pointer_ahead = False
         self._address = None
         self.proto.enter_progmode()
         return self.proto.read_signature()
@@ -112,7 +109,6 @@ class Stk500v2Flasher(AvrSerialFlasher):
         self.proto = self._new_proto()
         self.programmer = programmer
         self.programmed = 0
-        self.pointer_ahead = False
         self._address = None
         self.in_bootloader = True
         self._on_signature(signature)
@@ -139,7 +135,6 @@ class Stk500v2Flasher(AvrSerialFlasher):
         cancel: Optional[CancelToken],
     ) -> tuple[list[tuple[int, bytes]], int]:
         pages = self._pages(image)
-        self._full_plan = pages
         if not quick:
             return pages, 0
         total = sum(len(d) for _, d in pages)
@@ -235,40 +230,51 @@ class Stk500v2Flasher(AvrSerialFlasher):
         progress: Callable[[int], None],
         cancel: Optional[CancelToken],
     ) -> list[tuple[int, bytes]]:
+        """One session's run from page 0, one page ahead of the answers.
+
+        The bootloader answers PROGRAM_FLASH_ISP only after erasing and writing, sends the
+        8-byte answer by polling (busy for 6 character times), then listens again. So once the
+        answer's first byte is here, the next frame may go out after :attr:`guard` (8
+        character times): by then the bootloader is listening, whatever the USB latency (it
+        only makes us later). The rest of the answer is read while that frame is on the wire,
+        which saves a turnaround per page, most of all behind an FTDI latency timer. Any
+        missing or bad answer ends the session: the caller resets and starts again at page 0
+        (after a lost answer nobody knows where the erase pointer is)."""
         assert pages[0][0] == 0, "stk500v2 runs start at page 0"
         written: list[tuple[int, bytes]] = []
-        todo = list(pages)
-        i = 0
-        while i < len(todo):
-            addr, data = todo[i]
+        guard = 8 * 10 / self.link.baud + 0.001
+        if self._address != 0:
+            self.proto.load_address(0)
+            self._address = 0
+        pending: Optional[tuple[int, tuple[int, bytes]]] = None
+        for addr, data in pages:
             if cancel is not None:
                 cancel.check()
-            self._program(addr, data)
-            written.append((addr, data))
-            progress(len(data))
-            i += 1
-            if i == len(todo) and self.pointer_ahead and len(todo) < len(self._full_plan):
-                # the erase pointer ran ahead into pages a quick re-flash meant to skip
-                todo = list(self._full_plan)
+            self._address = None  # unknown until the answers are in
+            seq = self.proto.send_program(data)
+            if pending is not None:
+                self._finish(pending, written, progress)
+            if not self.proto.answer_started(self.page_timeout):
+                raise Stk500v2Error(f"No answer to PROGRAM_FLASH_ISP at 0x{addr:05X}.", silent=True)
+            self.sleep(guard)
+            pending = (seq, (addr, data))
+        assert pending is not None
+        self._finish(pending, written, progress)
+        last, data = written[-1]
+        self._address = last + len(data)
         return written
 
-    def _program(self, addr: int, data: bytes) -> None:
-        for attempt in range(self.retries + 1):
-            try:
-                if self._address != addr:
-                    self.proto.load_address(addr)
-                    self._address = addr
-                self.proto.program_page(data)
-                self.programmed += 1
-                self._address = addr + len(data)
-                return
-            except Stk500v2Error as exc:
-                self._address = None
-                if not exc.silent or attempt == self.retries:
-                    raise
-                # it may have run with only the answer lost: the pointer may now be ahead
-                self.pointer_ahead = True
-                self.log(f"STK500v2: no answer to PROGRAM_FLASH_ISP at 0x{addr:05X}; resending")
+    def _finish(
+        self,
+        pending: tuple[int, tuple[int, bytes]],
+        written: list[tuple[int, bytes]],
+        progress: Callable[[int], None],
+    ) -> None:
+        seq, page = pending
+        self.proto.finish_program(seq)
+        self.programmed += 1
+        written.append(page)
+        progress(len(page[1]))
 
     def _leave(self) -> None:
         self.proto.leave_progmode()

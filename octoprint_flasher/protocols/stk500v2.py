@@ -129,17 +129,20 @@ class Stk500v2:
         self.wire.write(frame(seq, body))
         return seq
 
-    def receive(self, seq: int, timeout: float) -> Optional[bytes]:
+    def receive(self, seq: int, timeout: float, *, started: bool = False) -> Optional[bytes]:
         """The body of the answer with ``seq``; ``None`` when nothing valid arrives in time.
 
         Bytes before a 0x1B, frames with a bad checksum and answers to older sequence numbers
-        are skipped."""
+        are skipped. ``started``: its 0x1B was already read (see :meth:`answer_started`)."""
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            b = self.wire.read(1, left)
+            if started:
+                b, started = bytes([MESSAGE_START]), False
+            else:
+                b = self.wire.read(1, left)
             if not b:
                 return None
             if b[0] != MESSAGE_START:
@@ -226,6 +229,25 @@ class Stk500v2:
         Not resent on silence: if the frame arrived and only the answer was lost, a resend
         would also advance the erase pointer. The flasher decides how to recover."""
         self.command(program_flash_body(data), 2, slow=True, resend=False)
+
+    def send_program(self, data: bytes) -> int:
+        """Send a PROGRAM_FLASH_ISP without waiting; returns its sequence number."""
+        return self.send(program_flash_body(data))
+
+    def answer_started(self, timeout: float) -> bool:
+        """Wait for the first byte of the next answer. The bootloader answers a PROGRAM only
+        after its flash operations, so this byte says "flash done, sending, then listening"."""
+        return self.wire.read(1, timeout) == bytes([MESSAGE_START])
+
+    def finish_program(self, seq: int) -> None:
+        """Read the rest of a PROGRAM answer whose first byte :meth:`answer_started` took."""
+        answer = self.receive(seq, self.page_timeout, started=True)
+        if answer != bytes([CMD_PROGRAM_FLASH_ISP, STATUS_CMD_OK]):
+            raise Stk500v2Error(
+                "No valid answer to PROGRAM_FLASH_ISP"
+                + (f": {answer.hex(' ')}" if answer else "."),
+                silent=answer is None,
+            )
 
     def read_flash(self, length: int) -> bytes:
         """Read ``length`` bytes at the current address (which then advances). Not resent
