@@ -131,3 +131,35 @@ def test_uart_fault(
 
     check_outcome(board, data, run, expect)
     assert board.faults.fired
+
+
+def random_faults(seed: int) -> dict[str, Any]:
+    import random
+
+    rng = random.Random(seed)
+    kinds = ["drop_in", "corrupt_in", "drop_out", "corrupt_out", "delay_out", "reset_at_in"]
+    chosen: dict[str, Any] = {}
+    for kind in rng.sample(kinds, rng.randint(1, 3)):
+        n = rng.randint(1, 700)
+        chosen[kind] = {n: 0.4} if kind == "delay_out" else {n}
+    return chosen
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_fault_mix_never_corrupts_silently(
+    make_board: MakeBoard, world: UsbWorld, seed: int
+) -> None:
+    """Seeded random combinations: the only allowed outcomes are a verified flash or an
+    error that leaves the application unstarted."""
+    board = make_board(firmware="katapult", faults=Faults(**random_faults(seed))).start()
+    data = make_klipper_bin(size=SIZE, seed=seed)
+
+    def run() -> None:
+        flasher = methods.open_flasher(can_target(board, world, confirm_seconds=0.3))
+        try:
+            flasher.flash(as_bin(data))
+            flasher.leave()
+        finally:
+            flasher.close()
+
+    check_outcome(board, data, run, "any")
