@@ -311,14 +311,17 @@ class FlashJob:
             info = ctx.flasher.identify()
             ctx.info = info
             self._emit_log(f"Found {info.describe()}")
+            # The protocol's own check first: it knows the specific story (e.g. "this is
+            # canboot.bin, flashing it through Katapult boot-loops the board"), where the
+            # generic check can only say "outside the application area".
+            for w in ctx.flasher.check(image, info):
+                self._warn(ctx, w)
             report = preflight.check(
                 image, info, mcu=target.mcu, allow_bootloader_erase=target.allow_bootloader_erase
             )
             for w in report.warnings:
                 self._warn(ctx, w)
             preflight.raise_for(report)
-            for w in ctx.flasher.check(image, info):
-                self._warn(ctx, w)
             self._cancel.check()
 
             if backup:
