@@ -468,6 +468,11 @@ def cmd_read(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                 printer(JobEvent("progress", data))
 
         image = flasher.read(progress)
+        if not image.size:  # the error path below leaves the bootloader
+            raise FlashError(
+                "The application area is empty (erased): there is nothing to back up.",
+                hint="No file was written. Flash a firmware first, or check the board/method.",
+            )
         flasher.leave()
         write_image_file(image, args.out)
     except FlashError as exc:

@@ -82,3 +82,13 @@ def test_no_permission_prints_the_udev_rule(board: DfuBackend, tmp_path: Path) -
     code, _, err = run("flash", str(firmware), "--method", "dfu")
     assert code == cli.EXIT_FAILED
     assert usb_access.UDEV_RULE in err
+
+
+def test_reading_an_erased_application_area_writes_no_file(
+    board: DfuBackend, tmp_path: Path
+) -> None:
+    backup = tmp_path / "backup.bin"
+    code, _, err = run("read", "--method", "dfu", "--usb", "0483:df11", "--out", str(backup))
+    assert code != 0
+    assert "nothing to back up" in err
+    assert not backup.exists()
