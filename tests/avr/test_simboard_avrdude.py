@@ -10,9 +10,10 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Callable, Dict, List, Optional
 
 import pytest
+import serial
 
 from bench.avrdude_peer import avrdude_command, line_limit, run_avrdude
 from tests.emulators.simboard import CONFIGS, SimBoard, serial_read_until
@@ -81,6 +82,62 @@ def test_avrdude_writes_verifies_and_the_app_runs(
         assert reply.startswith(b"FIRMWARE_NAME:Flasher Test Firmware AVRDUDE ")
         ser.write(b"M105\n")
         assert serial_read_until(ser, b"\n", 2) == b"ok T:21.0 /0.0 B:21.0 /0.0\n"
+    assert board.resets() == ["open", "open"]  # every open pulses reset, as DTR does
+
+
+def test_images_above_64k_verify(simboard_factory: Factory, testfw_hex: FwBuilder) -> None:
+    """Above 64 KiB optiboot must read with ELPM (our patch) and take RAMPZ from the address."""
+    fw = testfw_hex("atmega2560", "BIG", size=70_000)
+    board = simboard_factory("m2560-optiboot")
+
+    result = run_avrdude(board, fw)
+
+    assert result["ok"], result["output"]
+    assert_flash_holds(board.flash_dump(), hex_bytes(fw))
+    assert b"ok crc" in board.read_until(b"crc", 10)
+
+
+def test_a_burst_while_optiboot_blinks_overruns_the_uart(simboard_factory: Factory) -> None:
+    """Optiboot does not read the UART during its start-up LED flashes: the 2-byte FIFO plus
+    the shift register hold three characters and the rest is lost, as on silicon."""
+    board = simboard_factory("m328p-optiboot")
+    with board.open_serial() as ser:
+        ser.write(b"0123456789")
+        time.sleep(0.2)
+    overruns = [w for w in board.warnings() if w.startswith("uart overrun")]
+    assert len(overruns) == 7
+
+
+def round_trips(ser: serial.Serial, n: int) -> List[float]:
+    times = []
+    for _ in range(n):
+        start = time.monotonic()
+        ser.write(b"M105\n")
+        serial_read_until(ser, b"ok T:21.0 /0.0 B:21.0 /0.0\n", 2)
+        times.append(time.monotonic() - start)
+    return times
+
+
+@pytest.mark.parametrize(
+    "latency, low, high",
+    [(None, 0.0025, 0.010), ("fixed:20", 0.0425, 0.055), ("ftdi16", 0.010, 0.025)],
+)
+def test_usb_serial_latency_models(
+    latency: Optional[str],
+    low: float,
+    high: float,
+    simboard_factory: Factory,
+    testfw_hex: FwBuilder,
+) -> None:
+    """M105 round trip: 5 + 27 characters on the wire (2.8 ms), plus 2 x 20 ms for a fixed
+    20 ms adapter, or up to the 16 ms FTDI latency timer for a reply shorter than 62 bytes."""
+    fw = testfw_hex("atmega328p", "LATENCY", size=2048)
+    board = simboard_factory("m328p-optiboot", app_hex=fw, latency=latency)
+    with board.open_serial() as ser:
+        serial_read_until(ser, b"ok crc\n", 10)
+        times = sorted(round_trips(ser, 15))
+    median = times[len(times) // 2]
+    assert low <= median <= high, times
 
 
 def test_a_corrupted_image_reports_bad_crc(
@@ -128,9 +185,10 @@ def test_without_auto_reset_avrdude_needs_a_manual_reset(
     assert "open" not in board.resets()
 
     cmd = avrdude_command(board, fw)
+    mark = board.mark()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(0.3)  # avrdude has the port open and is about to send GET_SYNC
+        board.wait_for("OPEN", 10, after=mark)  # avrdude opened the port: press reset
         board.reset()
         out, _ = proc.communicate(timeout=60)
     finally:

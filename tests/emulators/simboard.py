@@ -35,7 +35,7 @@ from typing import IO, Callable, Dict, List, Optional, Type
 import serial
 
 REPO = Path(__file__).resolve().parents[2]
-SRC = REPO / "tests" / "simavr"
+SRC = Path(os.environ.get("FLASHER_AVR_SRC", REPO / "tests" / "simavr"))
 BUILD = Path(os.environ.get("FLASHER_AVR_BUILD", REPO / "build" / "avr"))
 DEBIAN_AVR = Path("/usr/share/arduino/hardware/arduino/avr")
 OPTIBOOT_SRC = DEBIAN_AVR / "bootloaders" / "optiboot"
@@ -507,6 +507,8 @@ class SimBoard:
         if self._log:
             self._log.close()
             self._log = None
+        # the log stays (it is what explains a failure); the flash dump can be large
+        self._dump.unlink(missing_ok=True)
         if self.log_path.parent != self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -552,6 +554,15 @@ class SimBoard:
                         f"simboard event not seen in {timeout} s; log:\n{self.log_text()}"
                     )
                 self._cond.wait(min(left, 0.2))
+
+    def mark(self) -> int:
+        """A position in the event list, for wait_for(after=...)."""
+        with self._cond:
+            return len(self._lines)
+
+    def wait_for(self, prefix: str, timeout: float, after: int = 0) -> str:
+        """Wait for an event line starting with ``prefix`` (e.g. "OPEN", "RESET open")."""
+        return self._wait_event(lambda line: line.startswith(prefix), timeout, after)
 
     def events(self) -> List[str]:
         """Every event line the board printed so far (READY, RESET open, WARN ..., LAG ...)."""
