@@ -35,6 +35,8 @@ from .stk500v1 import link_for
 DEFAULT_BAUD = 115200
 #: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
 SIGN_ON_WAIT = 0.25
+#: character times between a PROGRAM answer's first byte and the next frame (see below)
+GUARD_CHARACTERS = 4
 
 
 class Stk500v2Flasher(AvrSerialFlasher):
@@ -234,15 +236,16 @@ class Stk500v2Flasher(AvrSerialFlasher):
 
         The bootloader answers PROGRAM_FLASH_ISP only after erasing and writing, sends the
         8-byte answer by polling (busy for 6 character times), then listens again. So once the
-        answer's first byte is here, the next frame may go out after :attr:`guard` (8
-        character times): by then the bootloader is listening, whatever the USB latency (it
-        only makes us later). The rest of the answer is read while that frame is on the wire,
-        which saves a turnaround per page, most of all behind an FTDI latency timer. Any
-        missing or bad answer ends the session: the caller resets and starts again at page 0
-        (after a lost answer nobody knows where the erase pointer is)."""
+        answer's first byte is here (it left the AVR at least one character time ago), the
+        first character of a frame sent :data:`GUARD_CHARACTERS` later arrives no earlier than
+        the busy time ends, and the UART could even hold 3 more: nothing is lost, whatever the
+        USB latency (it only makes us later). The rest of the answer is read while that frame
+        is on the wire, which saves a turnaround per page, most of all behind an FTDI latency
+        timer. Any missing or bad answer ends the session: the caller resets and starts again
+        at page 0 (after a lost answer nobody knows where the erase pointer is)."""
         assert pages[0][0] == 0, "stk500v2 runs start at page 0"
         written: list[tuple[int, bytes]] = []
-        guard = 8 * 10 / self.link.baud + 0.001
+        guard = GUARD_CHARACTERS * 10 / self.link.baud
         if self._address != 0:
             self.proto.load_address(0)
             self._address = 0
