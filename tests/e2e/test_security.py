@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.e2e.conftest import (
+    ADMIN,
     Client,
     OctoPrintServer,
     SimPrinter,
@@ -66,8 +67,6 @@ def test_user_without_flash_permission_gets_403(viewer: Client, admin: Client) -
 
 
 def test_post_without_csrf_token_is_rejected(octoprint_server: OctoPrintServer) -> None:
-    from tests.e2e.conftest import ADMIN
-
     forger = Client(octoprint_server).login(*ADMIN)
     del forger.session.headers["X-CSRF-Token"]  # the cookie alone is what a forged form sends
     for route in POST_ROUTES:
