@@ -169,7 +169,6 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
         yield server
     finally:
         _SERVER = None
-        shutil.rmtree(port_dir, ignore_errors=True)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -177,6 +176,7 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
+        shutil.rmtree(port_dir, ignore_errors=True)
 
 
 @pytest.hookimpl(hookwrapper=True)
