@@ -348,11 +348,17 @@ class FlashJob:
             self._emit_log(traceback.format_exc().rstrip())
             return self._conclude(ctx, _internal_error(exc), t0)
         finally:
-            if ctx.flasher is not None:
-                try:
-                    ctx.flasher.close()
-                except Exception as exc:  # closing must never mask the real outcome
-                    self._emit_log(f"Closing the connection failed: {exc}")
+            self._close(ctx)
+
+    def _close(self, ctx: _Run) -> None:
+        """Close the flasher once; closing must never mask the real outcome."""
+        if ctx.flasher is None or ctx.closed:
+            return
+        ctx.closed = True
+        try:
+            ctx.flasher.close()
+        except Exception as exc:
+            self._emit_log(f"Closing the connection failed: {exc}")
 
     def _leave(self, ctx: _Run) -> None:
         self._set_state(STATE_LEAVING)
@@ -376,6 +382,9 @@ class FlashJob:
                 ctx.flasher.leave()
             except Exception as exc:
                 self._emit_log(f"Could not return the board to its application: {exc}")
+        # Release the port before the host reopens it: a printer connection to a port we
+        # still hold would sit in "Opening serial connection" until it times out.
+        self._close(ctx)
         reconnected: Optional[bool] = None
         if ctx.disconnected and not in_bootloader:
             self._set_state(STATE_RECONNECTING)
@@ -384,7 +393,8 @@ class FlashJob:
                 reconnected = True
             except Exception as exc:
                 reconnected = False
-                self._warn(ctx, f"The printer did not reconnect: {exc}. Connect it manually.")
+                reason = str(exc).rstrip(". ")
+                self._warn(ctx, f"The printer did not reconnect: {reason}. Connect it manually.")
         elif in_bootloader and ctx.disconnected:
             self._emit_log("Not reconnecting the printer: the board is in its bootloader.")
 
@@ -539,6 +549,7 @@ class _Run:
     stored: Optional[StoredImage] = None
     image: Optional[FirmwareImage] = None
     flasher: Optional[Flasher] = None
+    closed: bool = False
     info: Optional[TargetInfo] = None
     disconnected: bool = False
     writing: bool = False  # flash() was entered: a failure now leaves the board in its bootloader

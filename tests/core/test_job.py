@@ -124,6 +124,21 @@ def test_success_writes_verifies_reconnects_and_forgets_the_upload(
     assert job.status()["state"] == "done" and not job.running
 
 
+def test_port_is_released_before_the_printer_reconnects(store: Store, image_id: str) -> None:
+    board = FakeBoard()
+    seen_at_reconnect: list[list[str]] = []
+
+    class PortCheckingHost(FakeHost):
+        def reconnect(self) -> None:
+            seen_at_reconnect.append(list(board.calls))
+            super().reconnect()
+
+    job, _, _ = make_job(store, board, host=PortCheckingHost())
+    assert job.run(image_id, TARGET).ok
+    assert seen_at_reconnect and seen_at_reconnect[0][-1] == "close"
+    assert board.calls.count("close") == 1
+
+
 @pytest.mark.parametrize(
     "fault, kind, board_state",
     [
