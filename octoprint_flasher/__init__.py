@@ -65,7 +65,6 @@ if HAVE_OCTOPRINT:
             # the flasher opener; None means methods.open_flasher (tests inject a fake board)
             self._opener: Optional[Callable[..., Any]] = None
             self._current_image_id: Optional[str] = None
-            self._active_flasher: Any = None
 
         ##~~ lifecycle
 
@@ -83,7 +82,6 @@ if HAVE_OCTOPRINT:
                 self._printer,
                 self._host_options(),
                 log=self._console_line,
-                release_transport=self._close_active_flasher,
             )
             self._throttle = MessageThrottle(self._send_message)
             self._throttle.start()
@@ -239,21 +237,9 @@ if HAVE_OCTOPRINT:
         ##~~ internals
 
         def _open_flasher(self, target: Target, log: Optional[Callable[[str], None]]) -> Any:
-            """Open through the registry (or the injected opener) and keep the flasher, so the
-            host can free the serial port before OctoPrint reconnects to it."""
+            """Open through the registry, or through the opener a test injected."""
             opener = self._opener or methods.open_flasher
-            flasher = opener(target, log)
-            with self._lock:
-                self._active_flasher = flasher
-            return flasher
-
-        def _close_active_flasher(self) -> None:
-            """Release the flasher's transport (``close()`` is safe twice; the job closes it
-            again when it ends)."""
-            with self._lock:
-                flasher, self._active_flasher = self._active_flasher, None
-            if flasher is not None:
-                flasher.close()
+            return opener(target, log)
 
         def _host_options(self) -> HostOptions:
             return HostOptions(

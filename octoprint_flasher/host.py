@@ -53,11 +53,8 @@ class OctoPrintHost:
         log: Optional[Callable[[str], None]] = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
-        release_transport: Optional[Callable[[], None]] = None,
     ) -> None:
         self._printer = printer
-        # frees the port the flasher still holds: OctoPrint cannot open a port that is in use
-        self._release_transport = release_transport or (lambda: None)
         self.options = options or HostOptions()
         self._log = log or (lambda _line: None)
         self._sleep = sleep
@@ -107,7 +104,6 @@ class OctoPrintHost:
             if conn is None:
                 self._log("The printer was not connected before the flash; not connecting.")
                 return
-            self._release_transport()
             if self.options.settle_delay > 0:
                 # give the new firmware time to boot (and a USB device time to re-enumerate)
                 self._sleep(self.options.settle_delay)
