@@ -136,7 +136,12 @@ $(function () {
             return e === null || e === undefined ? "" : F.duration(e);
         });
         self.stageText = ko.pureComputed(function () {
-            return self.stageLabel(self.stage() || self.state());
+            // a finished job keeps its last flash stage in status(); show the outcome instead
+            var state = self.state();
+            if (state === "done" || state === "failed" || state === "cancelled") {
+                return self.stageLabel(state);
+            }
+            return self.stageLabel(self.stage() || state);
         });
         self.logText = ko.pureComputed(function () {
             return self.logLines().join("\n");
