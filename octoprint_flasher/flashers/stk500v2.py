@@ -35,8 +35,6 @@ from .stk500v1 import link_for
 DEFAULT_BAUD = 115200
 #: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
 SIGN_ON_WAIT = 0.25
-#: character times between a PROGRAM answer's first byte and the next frame (see below)
-GUARD_CHARACTERS = 4
 
 
 class Stk500v2Flasher(AvrSerialFlasher):
@@ -232,52 +230,31 @@ class Stk500v2Flasher(AvrSerialFlasher):
         progress: Callable[[int], None],
         cancel: Optional[CancelToken],
     ) -> list[tuple[int, bytes]]:
-        """One session's run from page 0, one page ahead of the answers.
+        """One session's run from page 0, one PROGRAM_FLASH_ISP and its answer at a time.
 
-        The bootloader answers PROGRAM_FLASH_ISP only after erasing and writing, sends the
-        8-byte answer by polling (busy for 6 character times), then listens again. So once the
-        answer's first byte is here (it left the AVR at least one character time ago), the
-        first character of a frame sent :data:`GUARD_CHARACTERS` later arrives no earlier than
-        the busy time ends, and the UART could even hold 3 more: nothing is lost, whatever the
-        USB latency (it only makes us later). The rest of the answer is read while that frame
-        is on the wire, which saves a turnaround per page, most of all behind an FTDI latency
-        timer. Any missing or bad answer ends the session: the caller resets and starts again
-        at page 0 (after a lost answer nobody knows where the erase pointer is)."""
+        Nothing is sent before the whole answer is in: the bootloader waits for each answer
+        character to leave (TXC) and only then listens again, so no earlier moment is safe for
+        more than the UART's 3 characters. A missing or bad answer ends the session: the
+        caller resets and starts again at page 0 (after a lost answer nobody knows where the
+        erase pointer is, and a reset in the middle puts it back to page 0)."""
         assert pages[0][0] == 0, "stk500v2 runs start at page 0"
         written: list[tuple[int, bytes]] = []
-        guard = GUARD_CHARACTERS * 10 / self.link.baud
         if self._address != 0:
             self.proto.load_address(0)
             self._address = 0
-        pending: Optional[tuple[int, tuple[int, bytes]]] = None
         for addr, data in pages:
             if cancel is not None:
                 cancel.check()
-            self._address = None  # unknown until the answers are in
+            self._address = None  # unknown until the answer is in
             seq = self.proto.send_program(data)
-            if pending is not None:
-                self._finish(pending, written, progress)
             if not self.proto.answer_started(self.page_timeout):
                 raise Stk500v2Error(f"No answer to PROGRAM_FLASH_ISP at 0x{addr:05X}.", silent=True)
-            self.sleep(guard)
-            pending = (seq, (addr, data))
-        assert pending is not None
-        self._finish(pending, written, progress)
-        last, data = written[-1]
-        self._address = last + len(data)
+            self.proto.finish_program(seq)
+            self.programmed += 1
+            self._address = addr + len(data)
+            written.append((addr, data))
+            progress(len(data))
         return written
-
-    def _finish(
-        self,
-        pending: tuple[int, tuple[int, bytes]],
-        written: list[tuple[int, bytes]],
-        progress: Callable[[int], None],
-    ) -> None:
-        seq, page = pending
-        self.proto.finish_program(seq)
-        self.programmed += 1
-        written.append(page)
-        progress(len(page[1]))
 
     def _leave(self) -> None:
         self.proto.leave_progmode()

@@ -395,8 +395,8 @@ def test_stk500v2_keeps_word_0_blank_until_the_end_so_a_failed_flash_stays_in_th
 def test_stk500v2_next_frame_goes_out_only_once_the_bootloader_listens(
     boards: list[Stk500Board],
 ) -> None:
-    """The write runs one page ahead of the answers; with the timing model (SPM busy-wait,
-    polled sending, 3-character UART buffer) not one character may be lost."""
+    """With the timing model (SPM busy-wait, polled sending, 3-character UART buffer) not one
+    character may be lost while writing."""
     b = board(boards, "stk500v2", "m2560", timing=True)
     data = payload(6 * 256)
     flash(b, image_from_bytes(data, 0))
