@@ -28,6 +28,9 @@ class AvrChip:
     boot_sizes: tuple[int, ...]
     aliases: tuple[str, ...] = ()
     family: str = "avr"
+    #: interrupt vectors incl. reset; avr-gcc's start-up code fills each with a 4-byte JMP,
+    #: so an image's vector table says which chip it was built for
+    vectors: int = 0
 
     @property
     def flash_start(self) -> int:
@@ -99,14 +102,78 @@ def _boot(*words: int) -> tuple[int, ...]:
 
 
 AVR_CHIPS: tuple[AvrChip, ...] = (
-    AvrChip("ATmega328P", b"\x1e\x95\x0f", 32 * KIB, 128, 1024, _boot(256, 512, 1024, 2048)),
-    AvrChip("ATmega328", b"\x1e\x95\x14", 32 * KIB, 128, 1024, _boot(256, 512, 1024, 2048)),
-    AvrChip("ATmega32U4", b"\x1e\x95\x87", 32 * KIB, 128, 1024, _boot(256, 512, 1024, 2048)),
-    AvrChip("ATmega644P", b"\x1e\x96\x0a", 64 * KIB, 256, 2048, _boot(512, 1024, 2048, 4096)),
-    AvrChip("ATmega1280", b"\x1e\x97\x03", 128 * KIB, 256, 4096, _boot(512, 1024, 2048, 4096)),
-    AvrChip("ATmega1284P", b"\x1e\x97\x05", 128 * KIB, 256, 4096, _boot(512, 1024, 2048, 4096)),
-    AvrChip("ATmega1284", b"\x1e\x97\x06", 128 * KIB, 256, 4096, _boot(512, 1024, 2048, 4096)),
-    AvrChip("ATmega2560", b"\x1e\x98\x01", 256 * KIB, 256, 4096, _boot(512, 1024, 2048, 4096)),
+    AvrChip(
+        "ATmega328P",
+        b"\x1e\x95\x0f",
+        32 * KIB,
+        128,
+        1024,
+        _boot(256, 512, 1024, 2048),
+        vectors=26,
+    ),
+    AvrChip(
+        "ATmega328",
+        b"\x1e\x95\x14",
+        32 * KIB,
+        128,
+        1024,
+        _boot(256, 512, 1024, 2048),
+        vectors=26,
+    ),
+    AvrChip(
+        "ATmega32U4",
+        b"\x1e\x95\x87",
+        32 * KIB,
+        128,
+        1024,
+        _boot(256, 512, 1024, 2048),
+        vectors=43,
+    ),
+    AvrChip(
+        "ATmega644P",
+        b"\x1e\x96\x0a",
+        64 * KIB,
+        256,
+        2048,
+        _boot(512, 1024, 2048, 4096),
+        vectors=31,
+    ),
+    AvrChip(
+        "ATmega1280",
+        b"\x1e\x97\x03",
+        128 * KIB,
+        256,
+        4096,
+        _boot(512, 1024, 2048, 4096),
+        vectors=57,
+    ),
+    AvrChip(
+        "ATmega1284P",
+        b"\x1e\x97\x05",
+        128 * KIB,
+        256,
+        4096,
+        _boot(512, 1024, 2048, 4096),
+        vectors=35,
+    ),
+    AvrChip(
+        "ATmega1284",
+        b"\x1e\x97\x06",
+        128 * KIB,
+        256,
+        4096,
+        _boot(512, 1024, 2048, 4096),
+        vectors=35,
+    ),
+    AvrChip(
+        "ATmega2560",
+        b"\x1e\x98\x01",
+        256 * KIB,
+        256,
+        4096,
+        _boot(512, 1024, 2048, 4096),
+        vectors=57,
+    ),
 )
 
 AVR_BOOTLOADERS: tuple[AvrBootloader, ...] = (
@@ -525,3 +592,16 @@ def parse_usb_id(text: str) -> tuple[int, int]:
     if not m:
         raise ValueError(f"{text!r} is not a USB id like 0483:df11")
     return int(m.group(1), 16), int(m.group(2), 16)
+
+
+def avr_vector_count(image_start: bytes) -> int:
+    """How many 4-byte JMP vectors (``0C 94 ..``) open an AVR image; 0 if none."""
+    n = 0
+    while image_start[n * 4 : n * 4 + 2] == b"\x0c\x94":
+        n += 1
+    return n
+
+
+def avr_chips_with_vectors(count: int) -> list[str]:
+    """Names of the AVR parts whose vector table has ``count`` entries."""
+    return [c.name for c in AVR_CHIPS if c.vectors == count]

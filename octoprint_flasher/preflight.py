@@ -211,7 +211,38 @@ def check(
             )
         )
     _check_vector_table(image, t.flash_start, t.app_start, report, allow_bootloader_erase)
+    board_chip = chips.find_chip(t.chip) if t.chip else None
+    if isinstance(board_chip, chips.AvrChip):
+        _check_avr_vectors(image, board_chip, "the board", report)
     return report
+
+
+def _check_avr_vectors(
+    image: FirmwareImage, chip: chips.AvrChip, whose: str, report: PreflightReport
+) -> None:
+    """Refuse an image whose interrupt vector table was built for another AVR part.
+
+    avr-gcc's start-up code opens every application with one JMP per vector of the chip it was
+    compiled for (26 on a 328P, 35 on a 1284P, 57 on a 2560), so a small Mega firmware is
+    caught here even though it would fit. Counts that match no known part (hand-written
+    start-up code, a first instruction that happens to be a JMP) decide nothing.
+    """
+    if not chip.vectors or not image.address_given or image.start != 0:
+        return
+    count = chips.avr_vector_count(image.read(0, 4 * 64))
+    built_for = chips.avr_chips_with_vectors(count)
+    report.facts["avr_vectors"] = count
+    if not built_for or chip.name in built_for:
+        return
+    report.fail(
+        PreflightError(
+            f"This firmware was built for {' / '.join(built_for)} ({count} interrupt vectors), "
+            f"but {whose} is an {chip.name} ({chip.vectors}).",
+            cause="The wrong firmware file, or a firmware configured for another board "
+            "(the MOTHERBOARD / board setting).",
+            hint=f"Build or download the firmware for the {chip.name}, or pick the right board.",
+        )
+    )
 
 
 def _outside_cause(image: FirmwareImage, t: TargetInfo) -> str:
@@ -404,6 +435,7 @@ def _offline_avr(image: FirmwareImage, chip: chips.AvrChip, report: PreflightRep
         report.warnings.append(
             f"The image starts at 0x{image.start:X}; an AVR application starts at 0."
         )
+    _check_avr_vectors(image, chip, "the chip you chose", report)
 
 
 def _offline_stm32(image: FirmwareImage, chip: chips.Stm32Chip, report: PreflightReport) -> None:

@@ -209,3 +209,36 @@ def test_a_bin_says_what_it_is_even_without_an_address() -> None:
     r = preflight.check(stm32_bin, M1284_OPTIBOOT)
     assert not r.ok and "the board (ATmega1284P) is an AVR" in r.errors[0]["message"]
     assert preflight.check(unplaced(arm_app(0x08008000)), F446_32K).ok
+
+
+def avr_app(vectors: int, size: int = 2048) -> FirmwareImage:
+    """An image opening like avr-gcc output: one JMP per vector, then code."""
+    table = b"".join(b"\x0c\x94" + struct.pack("<H", 0x100 + i) for i in range(vectors))
+    body = b"\x11\x24\x1f\xbe" + bytes(size - len(table) - 4)  # eor r1,r1; out SREG,r1
+    return image_from_bytes(table + body, 0, "marlin.hex", "hex")
+
+
+def test_a_mega2560_build_is_refused_on_a_1284p_board_even_when_it_fits() -> None:
+    report = preflight.check(avr_app(57), M1284_OPTIBOOT)
+    assert not report.ok
+    message = report.errors[0]["message"]
+    assert "built for ATmega1280 / ATmega2560 (57 interrupt vectors)" in message
+    assert "the board is an ATmega1284P (35)" in message
+
+
+def test_an_image_built_for_the_boards_chip_passes_the_vector_check() -> None:
+    report = preflight.check(avr_app(35), M1284_OPTIBOOT)
+    assert report.ok and report.facts["avr_vectors"] == 35
+
+
+def test_an_unknown_vector_count_decides_nothing() -> None:
+    assert preflight.check(avr_app(3), M1284_OPTIBOOT).ok  # hand-made start-up code
+    assert preflight.check(image_from_bytes(bytes(256), 0), M1284_OPTIBOOT).ok
+
+
+def test_offline_vector_check_against_the_chosen_mcu() -> None:
+    report = preflight.check_offline(avr_app(26), "atmega1284p")
+    assert not report.ok
+    message = report.errors[0]["message"]
+    assert "built for ATmega328P / ATmega328 (26 interrupt vectors)" in message
+    assert preflight.check_offline(avr_app(26), "atmega328p").ok
