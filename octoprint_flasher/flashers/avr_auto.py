@@ -137,8 +137,7 @@ def detect(
             if method == "stk500v1":
                 found = _try_v1(link, baud, FIRST_SYNC_WAIT)
             else:
-                # one SIGN_ON is enough after a GET_SYNC already woke the bootloader's loop
-                found = _try_v2(link, baud, 1 if order[0] == "stk500v1" else 2)
+                found = _try_v2(link, baud, 2)
             if found is not None:
                 log(f"auto: {found.bootloader} on {found.chip} answered at {baud} baud")
                 return found
