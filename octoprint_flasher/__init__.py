@@ -314,9 +314,11 @@ if HAVE_OCTOPRINT:
             )
 
         def _console_line(self, line: str) -> None:
-            self._console.info(line)
+            """A host-side line: into the console log once, and to the browser like a job's."""
             if self._job is not None:
-                self._on_job_event(_HostLog(line))
+                self._on_job_event(_HostLog(line))  # logs it to the console too
+            else:
+                self._console.info(line)
 
         def _setup_console_log(self) -> None:
             for old in list(self._console.handlers):  # a re-initialised plugin logs anew

@@ -261,7 +261,16 @@ $(function () {
             self.image(null);
             self.preflight(null);
             self.result(null);
+            if (!self.running()) self.clearJobDisplay();
             self.upload();
+        };
+        // a new file starts a new story: the last job's "Done / 100 %" and log would read as
+        // this file's result
+        self.clearJobDisplay = function () {
+            self.state("idle");
+            self.stage("");
+            self.applyProgress({done: 0, total: 0, percent: 0, rate: 0, eta: null});
+            self.logLines([]);
         };
         self.upload = function () {
             var input = self.fileInput();
