@@ -310,8 +310,8 @@ class Wire:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            self._set_timeout(left)
             try:
+                self._set_timeout(left)  # a tcsetattr: fails with EIO on a vanished port too
                 chunk = self.ser.read(n - len(out))
             except (OSError, serial.SerialException) as exc:
                 raise link_lost(self.port, exc) from exc

@@ -179,7 +179,8 @@ def test_flash_refused_while_a_flash_runs_and_connect_is_vetoed(
         times = admin_socket.flasher_times(mark)
         span = times[-1] - times[0]
         assert len(times) <= 10 * span + 3, f"{len(times)} plugin messages in {span:.1f} s"
-        assert viewer_socket.since(viewer_mark), "the viewer's socket went silent"
+        # OctoPrint pushes "current" to every socket twice a second; under load give it time
+        poll("the viewer's socket to hear OctoPrint", lambda: viewer_socket.since(viewer_mark), 15)
         assert viewer_socket.flasher(viewer_mark) == [], "a user without FLASH saw flash progress"
     finally:
         viewer_socket.close()
