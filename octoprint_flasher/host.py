@@ -10,11 +10,13 @@ or says why it is not. The job decides *whether* to reconnect (never into a boot
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+from .diagnostics import port_holders
 from .errors import ConnectError
 from .settings import gcode_lines
 
@@ -161,11 +163,21 @@ class OctoPrintHost:
                 seen_connecting = True
             if self._clock() >= deadline:
                 error = self._printer.get_error()
+                cause = "The firmware is slow to boot, or it does not answer like a printer."
+                if state == "OPEN_SERIAL":  # never got the port open: who holds it?
+                    others = [h for h in port_holders(conn.port) if h.pid != os.getpid()]
+                    cause = (
+                        f"OctoPrint could not open {conn.port}: it is held by "
+                        + ", ".join(h.describe() for h in others)
+                        + "."
+                        if others
+                        else f"OctoPrint is still trying to open {conn.port}."
+                    )
                 raise ConnectError(
                     f"The printer was not Operational {self.options.reconnect_timeout:.0f} s "
                     f"after reconnecting on {conn.port} (state: "
                     f"{self._printer.get_state_string()}{'; ' + error if error else ''}).",
-                    cause="The firmware is slow to boot, or it does not answer like a printer.",
+                    cause=cause,
                     hint="Wait a moment and connect from the Connection panel; raise the "
                     "reconnect timeout in the settings if this board boots slowly.",
                 )

@@ -122,6 +122,29 @@ def test_a_printer_that_never_gets_operational_times_out_with_advice() -> None:
     assert clock.now >= 10
 
 
+def test_a_port_octoprint_cannot_open_names_who_holds_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from octoprint_flasher import host as host_module
+    from octoprint_flasher.diagnostics import PortHolder
+
+    printer = FakePrinter()
+    host, _clock, _lines = make_host(printer, reconnect_timeout=5)
+    host.disconnect()
+    monkeypatch.setattr(
+        host_module, "port_holders", lambda port: [PortHolder(4242, "screen", "screen " + port)]
+    )
+
+    def connect_but_cannot_open(**kwargs: Any) -> None:
+        printer.connects.append(dict(kwargs))
+        printer.state = "OPEN_SERIAL"
+
+    printer.connect = connect_but_cannot_open  # type: ignore[method-assign,assignment]
+    with pytest.raises(ConnectError) as err:
+        host.reconnect()
+    assert "held by screen (pid 4242)" in err.value.cause
+
+
 def test_the_port_is_held_from_disconnect_until_reconnect() -> None:
     printer = FakePrinter()
     host, _clock, _lines = make_host(printer)
