@@ -21,8 +21,8 @@ from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
 from ..reset import DtrPulse, NoModemLines, reset_chain
 from ..serial_port import SerialLink
 from ..target import Target
-from .avr_base import AvrSerialFlasher, chip_for_signature, prompt_or_none
-from .stk500v1 import FIRST_SYNC_WAIT, Stk500v1Flasher, link_for
+from .avr_base import AvrSerialFlasher, chip_for_signature, link_for, prompt_or_none
+from .stk500v1 import FIRST_SYNC_WAIT, Stk500v1Flasher
 from .stk500v2 import SIGN_ON_WAIT, Stk500v2Flasher
 
 #: the bauds AVR bootloaders on printer boards use, most common first

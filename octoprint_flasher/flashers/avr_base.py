@@ -31,6 +31,7 @@ from ..flasher import (
 )
 from ..reset import NoModemLines, OpenedReset, Prompt, ResetStrategy
 from ..serial_port import SerialLink
+from ..target import Target
 
 #: recoveries (reset + resync) one flash may use before giving up
 MAX_RECOVERIES = 8
@@ -158,7 +159,9 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         raise self._silence_error(tried)
 
     def _silence_error(self, tried: list[str]) -> FlashError:
-        return SilentBootloader(
+        from .avr_auto import explain_silence  # avr_auto builds on this module
+
+        return explain_silence(self, tried) or SilentBootloader(
             f"No {self.bootloader_name} bootloader answered on {self.link.port} at "
             f"{self.link.baud} baud (tried: {'; '.join(tried) or 'nothing'}).",
             cause="Wrong baud rate or protocol for this board, a board without auto-reset, or "
@@ -534,3 +537,16 @@ class AvrSerialFlasher(Flasher, abc.ABC):
 def prompt_or_none(target_options: dict[str, Any]) -> Optional[Prompt]:
     prompt = target_options.get("prompt")
     return prompt if callable(prompt) else None
+
+
+def link_for(target: Target, default_baud: int) -> SerialLink:
+    if not target.port:
+        raise ConnectError(
+            "No serial port given for the AVR bootloader.",
+            hint="Pass --port (for example /dev/ttyUSB0), or pick the printer's port.",
+        )
+    return SerialLink(
+        target.port,
+        target.baud or default_baud,
+        factory=target.options.get("serial_factory"),
+    )

@@ -11,13 +11,12 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from ..errors import ConnectError, FlashError
 from ..flasher import CancelToken, LogCallback
 from ..protocols.stk500v1 import Stk500v1
 from ..reset import ManualReset, ResetStrategy, arduino_reset, reset_chain
 from ..serial_port import SerialLink
 from ..target import Target
-from .avr_base import AvrSerialFlasher, prompt_or_none
+from .avr_base import AvrSerialFlasher, link_for, prompt_or_none
 
 DEFAULT_BAUD = 115200
 
@@ -147,11 +146,6 @@ class Stk500v1Flasher(AvrSerialFlasher):
     def _leave(self) -> None:
         self.proto.leave_progmode()
 
-    def _silence_error(self, tried: list[str]) -> FlashError:
-        from .avr_auto import explain_silence
-
-        return explain_silence(self, tried) or super()._silence_error(tried)
-
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v1Flasher:
     link = link_for(target, DEFAULT_BAUD)
@@ -163,17 +157,4 @@ def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v1F
         log=log,
         mcu=target.mcu,
         settle=float(opts.get("settle", 0.0)),
-    )
-
-
-def link_for(target: Target, default_baud: int) -> SerialLink:
-    if not target.port:
-        raise ConnectError(
-            "No serial port given for the AVR bootloader.",
-            hint="Pass --port (for example /dev/ttyUSB0), or pick the printer's port.",
-        )
-    return SerialLink(
-        target.port,
-        target.baud or default_baud,
-        factory=target.options.get("serial_factory"),
     )

@@ -22,15 +22,13 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from ..errors import FlashError
 from ..firmware import FirmwareImage
 from ..flasher import STAGE_READING, CancelToken, LogCallback, Progress, ProgressCallback
 from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
 from ..reset import ManualReset, ResetStrategy, reset_chain, wiring_reset
 from ..serial_port import SerialLink, modem_lines_work
 from ..target import Target
-from .avr_base import AvrSerialFlasher, prompt_or_none
-from .stk500v1 import link_for
+from .avr_base import AvrSerialFlasher, link_for, prompt_or_none
 
 DEFAULT_BAUD = 115200
 #: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
@@ -258,11 +256,6 @@ class Stk500v2Flasher(AvrSerialFlasher):
 
     def _leave(self) -> None:
         self.proto.leave_progmode()
-
-    def _silence_error(self, tried: list[str]) -> FlashError:
-        from .avr_auto import explain_silence
-
-        return explain_silence(self, tried) or super()._silence_error(tried)
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v2Flasher:
