@@ -13,6 +13,8 @@ DEB_PACKAGES=(
   libusb-1.0-0 iproute2
   chromium fonts-dejavu-core
 )
+# node runs the page's JavaScript helpers in the tests; any node will do
+command -v node >/dev/null 2>&1 || DEB_PACKAGES+=(nodejs)
 
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do
