@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 from .. import chips
 from ..errors import ConnectError, FlashError, PreflightError, ProtocolError, VerifyError
@@ -29,7 +29,7 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
-from ..reset import NoModemLines, OpenedReset, Prompt, ResetStrategy
+from ..reset import DtrPulse, NoModemLines, OpenedReset, Prompt, ResetStrategy, reset_chain
 from ..serial_port import SerialLink
 from ..target import Target
 
@@ -549,4 +549,28 @@ def link_for(target: Target, default_baud: int) -> SerialLink:
         target.port,
         target.baud or default_baud,
         factory=target.options.get("serial_factory"),
+    )
+
+
+_F = TypeVar("_F", bound=AvrSerialFlasher)
+
+
+def open_serial_flasher(
+    cls: Callable[..., _F],
+    target: Target,
+    log: Optional[LogCallback],
+    default_baud: int,
+    reset: DtrPulse,
+) -> _F:
+    """Open the target's port (opening is the first reset) and build a flasher on it; the
+    reset strategy is the bootloader's own pulse, then the user's button if a prompt exists."""
+    link = link_for(target, default_baud)
+    link.open()
+    opts = target.options
+    return cls(
+        link,
+        resets=reset_chain(reset, prompt_or_none(opts)),
+        log=log,
+        mcu=target.mcu,
+        settle=float(opts.get("settle", 0.0)),
     )

@@ -13,10 +13,10 @@ from typing import Any, Callable, Optional
 
 from ..flasher import CancelToken, LogCallback
 from ..protocols.stk500v1 import Stk500v1
-from ..reset import ManualReset, ResetStrategy, arduino_reset, reset_chain
+from ..reset import ManualReset, ResetStrategy, arduino_reset
 from ..serial_port import SerialLink
 from ..target import Target
-from .avr_base import AvrSerialFlasher, link_for, prompt_or_none
+from .avr_base import AvrSerialFlasher, open_serial_flasher
 
 DEFAULT_BAUD = 115200
 
@@ -148,13 +148,4 @@ class Stk500v1Flasher(AvrSerialFlasher):
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v1Flasher:
-    link = link_for(target, DEFAULT_BAUD)
-    opts = target.options
-    link.open()
-    return Stk500v1Flasher(
-        link,
-        resets=reset_chain(arduino_reset(), prompt_or_none(opts)),
-        log=log,
-        mcu=target.mcu,
-        settle=float(opts.get("settle", 0.0)),
-    )
+    return open_serial_flasher(Stk500v1Flasher, target, log, DEFAULT_BAUD, arduino_reset())

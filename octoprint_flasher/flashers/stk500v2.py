@@ -25,10 +25,10 @@ from typing import Any, Callable, Optional
 from ..firmware import FirmwareImage
 from ..flasher import STAGE_READING, CancelToken, LogCallback, Progress, ProgressCallback
 from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
-from ..reset import ManualReset, ResetStrategy, reset_chain, wiring_reset
+from ..reset import ManualReset, ResetStrategy, wiring_reset
 from ..serial_port import SerialLink, modem_lines_work
 from ..target import Target
-from .avr_base import AvrSerialFlasher, link_for, prompt_or_none
+from .avr_base import AvrSerialFlasher, open_serial_flasher
 
 DEFAULT_BAUD = 115200
 #: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
@@ -259,13 +259,4 @@ class Stk500v2Flasher(AvrSerialFlasher):
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v2Flasher:
-    link = link_for(target, DEFAULT_BAUD)
-    opts = target.options
-    link.open()
-    return Stk500v2Flasher(
-        link,
-        resets=reset_chain(wiring_reset(), prompt_or_none(opts)),
-        log=log,
-        mcu=target.mcu,
-        settle=float(opts.get("settle", 0.0)),
-    )
+    return open_serial_flasher(Stk500v2Flasher, target, log, DEFAULT_BAUD, wiring_reset())
