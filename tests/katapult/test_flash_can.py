@@ -12,7 +12,6 @@ from octoprint_flasher import methods
 from octoprint_flasher.errors import CancelledError, ConnectError, PreflightError, ProtocolError
 from octoprint_flasher.flasher import CancelToken, FlashResult, Progress
 from octoprint_flasher.flashers.katapult import KatapultFlasher, discover
-from octoprint_flasher.protocols import katapult as kp
 from tests.emulators.katapult_node import EmulatedBoard, UsbWorld, virtual_bus_factory
 from tests.emulators.klipper_firmware import make_deployer_bin, make_katapult_bin, make_klipper_bin
 
@@ -308,10 +307,15 @@ def test_the_wire_uses_stop_and_wait(make_board: MakeBoard, world: UsbWorld) -> 
     stop.set()
     thread.join()
     spy.shutdown()
-    # collapse runs: h n h n ... means never two commands in flight
+    # Collapse runs of frames: a command is one run of host frames, its reply one run of node
+    # frames. Two commands in flight would merge into one host run, so there must be at least
+    # one host run per block written and per block read back. The spy may stop before it hears
+    # the reply to the very last command (COMPLETE, answered while the node resets), so the
+    # tail is not checked.
     runs = [c for i, c in enumerate(order) if i == 0 or order[i - 1] != c]
-    assert runs == ["h", "n"] * (len(runs) // 2)
-    assert kp.CMD_COMPLETE  # the run ends with COMPLETE's ACK
+    assert runs[0] == "h"
+    blocks = 2048 // 64
+    assert runs.count("h") >= 2 * blocks, runs
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 3.0) -> bool:
