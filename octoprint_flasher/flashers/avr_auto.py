@@ -127,24 +127,47 @@ def detect(
 ) -> Optional[Found]:
     """Reset once per baud and ask each protocol; the bootloader is left in programming mode.
 
-    ``fresh``: the link was opened just now at its baud, and that open was the first reset."""
+    ``fresh``: the link was opened just now at its baud, and that open was the first reset.
+    That reset can be missed (the port was closed and reopened within milliseconds, e.g. right
+    after another probe), so when nothing answers anywhere, the first baud gets one more try
+    after a real reopen; a board that answers is never slowed down by it."""
     if v2_first is None:
         v2_first = _usb_prefers_v2(link.port)
+    order = [m for m in (("stk500v2", "stk500v1") if v2_first else methods) if m in methods]
     for i, baud in enumerate(bauds):
         _reset(link, baud, sleep, reopen=bool(i) or not fresh or baud != link.baud)
-        order = [m for m in (("stk500v2", "stk500v1") if v2_first else methods) if m in methods]
-        for method in order:
-            if method == "stk500v1":
-                found = _try_v1(link, baud, FIRST_SYNC_WAIT)
-            else:
-                found = _try_v2(link, baud, 2)
-            if found is not None:
-                log(f"auto: {found.bootloader} on {found.chip} answered at {baud} baud")
-                return found
-            if method == "stk500v2" and v2_first and "stk500v1" in order:
-                # a SIGN_ON sent to optiboot made it leave: the next try needs a new reset
-                _reset(link, baud, sleep)
+        found = _ask(link, baud, order, v2_first, sleep)
+        if found is not None:
+            log(f"auto: {found.bootloader} on {found.chip} answered at {baud} baud")
+            return found
         log(f"auto: no AVR bootloader answered at {baud} baud")
+    if fresh and bauds:
+        _reset(link, bauds[0], sleep, reopen=True)
+        found = _ask(link, bauds[0], order, v2_first, sleep)
+        if found is not None:
+            log(f"auto: {found.bootloader} on {found.chip} answered at {bauds[0]} baud")
+            return found
+    return None
+
+
+def _ask(
+    link: SerialLink,
+    baud: int,
+    order: list[str],
+    v2_first: bool,
+    sleep: Callable[[float], None],
+) -> Optional[Found]:
+    """Ask each protocol in ``order`` within one reset window."""
+    for method in order:
+        if method == "stk500v1":
+            found = _try_v1(link, baud, FIRST_SYNC_WAIT)
+        else:
+            found = _try_v2(link, baud, 2)
+        if found is not None:
+            return found
+        if method == "stk500v2" and v2_first and "stk500v1" in order:
+            # a SIGN_ON sent to optiboot made it leave: the next try needs a new reset
+            _reset(link, baud, sleep)
     return None
 
 

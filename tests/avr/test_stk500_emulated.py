@@ -5,6 +5,8 @@ wrong flash; transient faults are recovered; fatal ones name their cause)."""
 from __future__ import annotations
 
 import random
+import threading
+import time
 from typing import Any, Iterator
 
 import pytest
@@ -13,6 +15,7 @@ from octoprint_flasher.errors import ConnectError, FlashError, PreflightError
 from octoprint_flasher.firmware import FirmwareImage, Segment, image_from_bytes
 from octoprint_flasher.flashers import avr_auto, stk500v1, stk500v2
 from octoprint_flasher.flashers.avr_base import AvrSerialFlasher
+from octoprint_flasher.serial_port import SerialLink
 from octoprint_flasher.target import Target
 from tests.emulators.stk500_board import Stk500Board
 
@@ -402,3 +405,19 @@ def test_stk500v2_next_frame_goes_out_only_once_the_bootloader_listens(
     flash(b, image_from_bytes(data, 0))
     assert b.stats.overruns == 0
     assert b.flash[: len(data)] == data
+
+
+def test_auto_detect_survives_a_missed_reset_on_open(boards: list[Stk500Board]) -> None:
+    """A port closed and reopened within milliseconds (a probe right before) can miss the
+    reset of the open; detection then resets once more at the first baud instead of failing."""
+    b = board(boards, "stk500v2", "m2560", app=payload(512))
+    time.sleep(1.2)  # past the bootloader's window: the application runs
+    b.auto_reset = False  # the next open resets nothing: the app keeps running
+    threading.Timer(0.3, lambda: setattr(b, "auto_reset", True)).start()
+    link = SerialLink(b.port, 115200)
+    link.open()
+    try:
+        found = avr_auto.detect(link, bauds=(115200, 57600), fresh=True)
+        assert found is not None and (found.method, found.baud) == ("stk500v2", 115200)
+    finally:
+        link.close()
