@@ -74,6 +74,8 @@ class AvrSerialFlasher(Flasher, abc.ABC):
     rewrite_touches_others = False
     #: bytes per read command when reading runs of pages (None: one page)
     read_chunk: Optional[int] = None
+    #: the protocol object (Stk500v1 / Stk500v2), made anew by each subclass per session
+    proto: Any
 
     def __init__(
         self,
@@ -82,6 +84,9 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         resets: list[ResetStrategy],
         log: Optional[LogCallback] = None,
         mcu: Optional[str] = None,
+        settle: float = 0.0,
+        timeout: float = 0.3,
+        page_timeout: float = 0.5,
         retries: int = 3,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
@@ -89,6 +94,10 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         self.link = link
         self.resets = resets
         self.mcu = mcu
+        self.settle = settle
+        #: per-command and per-page answer timeouts of the protocol object
+        self.timeout = timeout
+        self.page_timeout = page_timeout
         self.retries = retries
         self.sleep = sleep
         self.chip: Optional[Chip] = None
@@ -123,9 +132,9 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         """Write these pages (ascending) with per-command recovery; return what was written
         (a protocol may have to write more than asked)."""
 
-    @abc.abstractmethod
     def _leave(self) -> None:
-        """Leave programming mode so the application starts."""
+        """Leave programming mode so the application starts (both protocols have the command)."""
+        self.proto.leave_progmode()
 
     @abc.abstractmethod
     def _reach_limit(self) -> Optional[tuple[int, str]]:

@@ -48,11 +48,17 @@ class Stk500v1Flasher(AvrSerialFlasher):
         page_timeout: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(link, resets=resets, log=log, mcu=mcu, sleep=sleep)
-        self.settle = settle
+        super().__init__(
+            link,
+            resets=resets,
+            log=log,
+            mcu=mcu,
+            settle=settle,
+            timeout=timeout,
+            page_timeout=page_timeout,
+            sleep=sleep,
+        )
         self.first_wait = first_wait
-        self.timeout = timeout
-        self.page_timeout = page_timeout
         self.version: tuple[int, int] = (0, 0)
         self.proto = self._new_proto()
 
@@ -142,9 +148,6 @@ class Stk500v1Flasher(AvrSerialFlasher):
             )
             progress(len(data))
         return pages
-
-    def _leave(self) -> None:
-        self.proto.leave_progmode()
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v1Flasher:

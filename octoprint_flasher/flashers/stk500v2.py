@@ -57,10 +57,16 @@ class Stk500v2Flasher(AvrSerialFlasher):
         page_timeout: float = 0.5,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        super().__init__(link, resets=resets, log=log, mcu=mcu, sleep=sleep)
-        self.settle = settle
-        self.timeout = timeout
-        self.page_timeout = page_timeout
+        super().__init__(
+            link,
+            resets=resets,
+            log=log,
+            mcu=mcu,
+            settle=settle,
+            timeout=timeout,
+            page_timeout=page_timeout,
+            sleep=sleep,
+        )
         self.programmer = ""
         self.proto = self._new_proto()
         #: PROGRAM_FLASH_ISP commands answered in this session (the erase pointer's lower bound)
@@ -253,9 +259,6 @@ class Stk500v2Flasher(AvrSerialFlasher):
             written.append((addr, data))
             progress(len(data))
         return written
-
-    def _leave(self) -> None:
-        self.proto.leave_progmode()
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v2Flasher:
