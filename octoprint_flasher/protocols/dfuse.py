@@ -577,18 +577,27 @@ class DfuSession:
             hint="Power-cycle the board with BOOT0 held high and try again.",
         )
 
-    def poll(self, what: str, deadline_s: float, stuck_quirk: bool = False) -> DfuStatus:
+    def poll(
+        self,
+        what: str,
+        deadline_s: float,
+        stuck_quirk: bool = False,
+        stuck_after_s: Optional[float] = None,
+    ) -> DfuStatus:
         """Wait out dfuDNBUSY after a DNLOAD, honouring bwPollTimeout within ``deadline_s``.
 
         The first GETSTATUS is what makes the ROM execute the command. With ``stuck_quirk``
-        (erase on STM32H7 rev V) a device still busy after the deadline gets CLRSTATUS twice
-        and the erase is treated as done; the read-back verify confirms it.
+        (erase on STM32H7 rev V) a device still busy after ``stuck_after_s`` (default: the
+        deadline) gets CLRSTATUS twice and the erase is taken as done; the caller must confirm
+        it by reading the flash (:meth:`erase_sector` does).
         """
+        stuck_at = deadline_s if stuck_after_s is None else min(stuck_after_s, deadline_s)
         start = self.clock()
         zero_polls = 0
         stalls = 0
         last_timeout = 0
         first = True
+        first_busy = True  # the answer to the GETSTATUS that starts the command
         usb_timeout = max(self.timeouts.status_ms, int(deadline_s * 1000) + 1000)
         while True:
             try:
@@ -611,13 +620,14 @@ class DfuSession:
                     return status
                 raise DfuStatusError(what, status)
             elapsed = self.clock() - start
+            if stuck_quirk and elapsed >= stuck_at and not first_busy:
+                self.log(f"dfu: {what} still busy after {elapsed:.2f}s; applying H7 quirk")
+                self.quirks_used.append("stuck-dnbusy")
+                self.clear_status()
+                self.clear_status()
+                return self.recover()
+            first_busy = False
             if elapsed > deadline_s:
-                if stuck_quirk:
-                    self.log(f"dfu: {what} still busy after {elapsed:.1f}s; applying H7 quirk")
-                    self.quirks_used.append("stuck-dnbusy")
-                    self.clear_status()
-                    self.clear_status()
-                    return self.recover()
                 raise StuckBusyError(
                     what,
                     status,
@@ -635,7 +645,8 @@ class DfuSession:
                     )
             else:
                 zero_polls = 0
-            wait = min(last_timeout / 1000.0, max(0.0, deadline_s - elapsed) + 0.001)
+            until = stuck_at if stuck_quirk else deadline_s
+            wait = min(last_timeout / 1000.0, max(0.0, until - elapsed) + 0.001)
             if wait > 0:
                 self.sleep(wait)
 
@@ -646,6 +657,7 @@ class DfuSession:
         deadline_s: Optional[float] = None,
         stuck_quirk: bool = False,
         retries: int = 2,
+        stuck_after_s: Optional[float] = None,
     ) -> DfuStatus:
         """Send a DfuSe command and wait for it. Every command is idempotent (set address,
         erase), so a request lost to a stall or timeout is sent again after recovery."""
@@ -654,7 +666,7 @@ class DfuSession:
         while True:
             try:
                 self.dnload(0, payload)
-                return self.poll(what, limit, stuck_quirk)
+                return self.poll(what, limit, stuck_quirk, stuck_after_s)
             except Exception as exc:
                 attempt += 1
                 if not is_usb_error(exc) or is_gone(exc) or attempt > retries:
@@ -666,12 +678,49 @@ class DfuSession:
     def set_address(self, address: int) -> None:
         self.command(cmd_set_address(address), f"Setting the address to 0x{address:08X}")
 
-    def erase_sector(self, address: int, sector_size: int, stuck_quirk: bool = True) -> None:
-        self.command(
-            cmd_erase(address),
-            f"Erasing the sector at 0x{address:08X}",
-            self.timeouts.erase_deadline(sector_size),
-            stuck_quirk,
+    def erase_sector(
+        self,
+        address: int,
+        sector_size: int,
+        stuck_quirk: bool = True,
+        typical_s: Optional[float] = None,
+        max_s: Optional[float] = None,
+    ) -> int:
+        """Erase one sector; return how many erase commands it took.
+
+        A device that reports completion is done. One that stays in dfuDNBUSY (the STM32H7
+        rev V ROM never leaves it after an erase) is recovered with CLRSTATUS x2 as soon as the
+        erase must be over: after ``typical_s`` (the datasheet's typical sector-erase time,
+        device seconds; without it, the overall deadline). Because that completion is only
+        inferred, the sector is read back and must be blank; a sector that is not is erased
+        again, this time waiting ``max_s`` (the datasheet maximum) before recovering.
+        """
+        what = f"Erasing the sector at 0x{address:08X}"
+        deadline = self.timeouts.erase_deadline(sector_size)
+        waits: list[Optional[float]] = [None]
+        if stuck_quirk and typical_s is not None:
+            waits = [self.timeouts.seconds(typical_s)]
+            waits.append(self.timeouts.seconds(max_s if max_s is not None else 2 * typical_s))
+        for attempt, wait in enumerate(waits, start=1):
+            seen = len(self.quirks_used)
+            self.command(cmd_erase(address), what, deadline, stuck_quirk, stuck_after_s=wait)
+            if len(self.quirks_used) == seen:
+                return attempt  # the device itself reported the erase complete
+            back = self.read(address, sector_size)
+            left = len(back) - len(back.lstrip(b"\xff"))
+            if left == sector_size:
+                return attempt
+            self.log(
+                f"dfu: the sector at 0x{address:08X} is not blank after the H7 recovery "
+                f"(0x{address + left:08X} reads 0x{back[left]:02X}); erasing it again"
+            )
+        raise ProtocolError(
+            f"The sector at 0x{address:08X} is still not blank after erasing it {len(waits)} "
+            "times (the bootloader never reported the erase complete).",
+            cause="The STM32H7 ROM stays busy after an erase, and this sector did not erase "
+            "within the datasheet's maximum time.",
+            hint="The board stays in DFU mode: power-cycle it with BOOT0 held high and flash "
+            "again. If it repeats, the flash sector may be worn out.",
         )
 
     def mass_erase(self) -> None:

@@ -260,7 +260,8 @@ class TestPolling:
         statuses.append((State.DFU_IDLE, 0, 0))
         dev = ScriptedDevice(statuses)
         s, _ = session(dev, scale=0.5)  # 128 KiB deadline: 4 s * 0.5
-        s.erase_sector(0x08020000, 128 * K)
+        # the poll level only; erase_sector then reads the sector back (tests/dfu/test_stuck_erase)
+        s.command(dfuse.cmd_erase(0x08020000), "Erasing", 2.0, stuck_quirk=True)
         reqs = [r for r, _, _ in dev.sent]
         assert reqs.count(dfuse.DFU_CLRSTATUS) == 2
         assert s.quirks_used == ["stuck-dnbusy"]

@@ -202,6 +202,7 @@ class Faults:
     stall_write_count: int = 1
     timeout: dict[int, int] = field(default_factory=dict)  # bRequest -> count (-1 = always)
     stuck_busy_on_erase: bool = False  # STM32H7 rev V: erase done, state stays dfuDNBUSY
+    erase_incomplete: int = 0  # this many sector erases are cut short: the old content stays
     read_protected: bool = False
     disappear_after_bytes: Optional[int] = None  # unplugged after writing this many bytes
     access_denied: bool = False  # no udev rule: open fails with EACCES
@@ -506,6 +507,8 @@ class EmulatedDfuDevice:
             if self.state == DFU_ERROR:
                 self.state, self.status = DFU_IDLE, OK
             elif self.state == DNBUSY and self.stuck:
+                # the ROM takes the request once the flash controller has finished the erase
+                self._wait_until_model(self.busy_until)
                 self.stuck = False
                 self.state, self.status = DFU_ERROR, ERR_UNKNOWN
             else:
@@ -553,8 +556,8 @@ class EmulatedDfuDevice:
             self.after_busy = result
             return self._status_bytes()
         if self.state == DNBUSY:
-            if self.stuck:
-                return self._status_bytes()
+            if self.stuck and self._model_now() >= self.busy_until:
+                return self._status_bytes()  # H7 rev V: done, yet busy for ever
             if self.faults.busy_mode == "answer":
                 left = self.busy_until - self._model_now()
                 if left > 0:
@@ -566,6 +569,8 @@ class EmulatedDfuDevice:
                     self._sleep(timeout / 1000.0)
                     raise usb.core.USBTimeoutError("Operation timed out", -7, errno.ETIMEDOUT)
                 self._wait_until_model(self.busy_until)
+            if self.stuck:
+                return self._status_bytes()
             self.state, self.status = self.after_busy
             self.poll_ms = 0
             if self.status == OK and self.mode == "gone":
@@ -619,7 +624,10 @@ class EmulatedDfuDevice:
                     return fail_target
                 start, size = sector
                 off = start - m.flash_start
-                self.flash[off : off + size] = b"\xff" * size
+                if self.faults.erase_incomplete > 0:
+                    self.faults.erase_incomplete -= 1
+                else:
+                    self.flash[off : off + size] = b"\xff" * size
                 self.erased.append(start)
                 if self.faults.stuck_busy_on_erase:
                     self.stuck = True
