@@ -68,7 +68,7 @@ def test_full_flash_writes_verifies_and_starts_the_application(
     result = flash(b, image_from_bytes(data, 0))
     assert b.flash[: len(data)] == data
     assert result.bytes_verified == result.bytes_written >= len(data)
-    assert b.state == "app"
+    assert b.wait_for_state("app"), f"the board is still in {b.state!r}"
     assert b.stats.unerased_writes == 0 and b.stats.bootloader_overwrites == 0
 
 
@@ -364,7 +364,7 @@ def test_probe_names_bootloader_baud_and_chip_and_lets_the_app_run(
         "bootloader": "stk500v2 (AVRISP_2)",
         "port": b.port,
     }
-    assert b.state == "app"
+    assert b.wait_for_state("app"), f"the board is still in {b.state!r}"
     assert "monitor entered (!!!)" not in b.stats.log
 
 

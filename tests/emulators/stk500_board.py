@@ -128,6 +128,7 @@ class Stk500Board:
         self.watchdog = watchdog
         self.faults: list[Fault] = []
         self.stats = Stats()
+        self._state_changed = threading.Condition()
         self.state = "app"
         self._lock = threading.RLock()
         self._rxq: deque[tuple[float, int]] = deque()
@@ -142,6 +143,23 @@ class Stk500Board:
         self._thread.start()
 
     # --- test API -------------------------------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        """The board's state: "app", "bootloader" or a subclass's; set by its own thread."""
+        return self._state
+
+    @state.setter
+    def state(self, value: str) -> None:
+        with self._state_changed:
+            self._state = value
+            self._state_changed.notify_all()
+
+    def wait_for_state(self, state: str, timeout: float = 5.0) -> bool:
+        """Wait until the board's own thread has reached ``state``: the host's last reply
+        goes out before the program finishes, so reading ``state`` right after it races."""
+        with self._state_changed:
+            return self._state_changed.wait_for(lambda: self._state == state, timeout)
 
     def inject(self, kind: str, after: int = 0, command: Optional[int] = None) -> Fault:
         """Arm a fault ``after`` bytes (or ``command`` occurrences) from now."""
