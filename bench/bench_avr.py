@@ -28,7 +28,7 @@ if __package__ in (None, ""):
 from bench.avrdude_peer import avr_baud, line_limit, run_avrdude  # noqa: E402
 from octoprint_flasher import methods  # noqa: E402
 from octoprint_flasher.flasher import STAGE_VERIFYING, STAGE_WRITING, Progress  # noqa: E402
-from octoprint_flasher.loaders import load  # noqa: E402
+from octoprint_flasher.image.load import load  # noqa: E402
 from octoprint_flasher.target import Target  # noqa: E402
 from tests.emulators.simboard import (  # noqa: E402
     CONFIGS,

@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO))
 
 from contextlib import contextmanager  # noqa: E402
 
-from octoprint_flasher.firmware import FirmwareImage, Segment  # noqa: E402
 from octoprint_flasher.flashers.dfu import DfuFlasher  # noqa: E402
+from octoprint_flasher.image.model import FirmwareImage, Segment  # noqa: E402
 from octoprint_flasher.protocols.dfuse import DfuSession, Timeouts  # noqa: E402
 from octoprint_flasher.target import Target  # noqa: E402
 from tests.emulators.dfu_device import (  # noqa: E402

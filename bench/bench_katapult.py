@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from octoprint_flasher import methods  # noqa: E402
-from octoprint_flasher.firmware import FirmwareImage, image_from_bytes  # noqa: E402
 from octoprint_flasher.flashers.katapult import KatapultFlasher  # noqa: E402
+from octoprint_flasher.image.model import FirmwareImage, image_from_bytes  # noqa: E402
 from octoprint_flasher.protocols import katapult as kp  # noqa: E402
 from octoprint_flasher.protocols import klipper_can as kc  # noqa: E402
 from octoprint_flasher.target import Target  # noqa: E402

@@ -19,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Callable, Optional, TextIO
 
-from . import chips, discovery, loaders, methods, preflight
+from . import chips, discovery, methods, preflight
 from .errors import (
     BusyError,
     CancelledError,
@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedError,
 )
 from .flasher import Flasher, LogCallback, Progress
+from .image import load as loaders
 from .job import FlashJob, JobEvent, JobResult, NoHost
 from .store import Store, write_image_file
 from .target import METHODS, Target

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from .errors import CancelledError
-from .firmware import FirmwareImage
+from .image.model import FirmwareImage
 
 # Stage names shared by flashers, the job and the front ends.
 STAGE_ENTERING = "entering_bootloader"

@@ -27,7 +27,6 @@ from typing import Any, Callable, Deque, Optional, Protocol
 
 from . import methods, preflight
 from .errors import BusyError, CancelledError, FlashError
-from .firmware import FirmwareImage
 from .flasher import (
     STAGE_ENTERING,
     STAGE_ERASING,
@@ -42,6 +41,7 @@ from .flasher import (
     Progress,
     TargetInfo,
 )
+from .image.model import FirmwareImage
 from .store import Store, StoredImage
 from .target import Target
 

@@ -15,9 +15,9 @@ from typing import Any, Optional
 
 from . import chips
 from .errors import FlashError, ImageError, PreflightError
-from .firmware import FirmwareImage
 from .flasher import TargetInfo
-from .loaders import format_size
+from .image.load import format_size
+from .image.model import FirmwareImage
 
 STM32_FLASH = 0x08000000
 AVR_METHODS = ("stk500v1", "stk500v2")

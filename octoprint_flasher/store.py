@@ -22,9 +22,9 @@ from typing import Any, Optional, Union
 
 from intelhex import IntelHex
 
-from . import loaders
 from .errors import ImageError
-from .firmware import FirmwareImage
+from .image import load as loaders
+from .image.model import FirmwareImage
 
 DEFAULT_MAX_SIZE = loaders.DEFAULT_MAX_SIZE
 HISTORY_FILE = "history.jsonl"

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import abc
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
 from .. import chips
 from ..errors import ConnectError, FlashError, PreflightError, ProtocolError, VerifyError
-from ..firmware import FirmwareImage, Segment
 from ..flasher import (
     STAGE_ENTERING,
     STAGE_READING,
@@ -29,36 +27,15 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
-from ..reset import DtrPulse, NoModemLines, OpenedReset, Prompt, ResetStrategy, reset_chain
-from ..serial_port import SerialLink
+from ..image.model import FirmwareImage, Segment
+from ..links.reset import DtrPulse, NoModemLines, OpenedReset, Prompt, ResetStrategy, reset_chain
+from ..links.serial_port import SerialLink
 from ..target import Target
+from .avr_chip import Chip, chip_for_signature
+from .avr_detect import explain_silence
 
 #: recoveries (reset + resync) one flash may use before giving up
 MAX_RECOVERIES = 8
-
-
-@dataclass
-class Chip:
-    """What the bootloader told us, plus the table facts for that signature."""
-
-    signature: bytes
-    name: str
-    flash_size: int
-    page_size: int
-    boot_sizes: tuple[int, ...]
-
-
-def chip_for_signature(signature: bytes) -> Chip:
-    known = chips.avr_by_signature(signature)
-    if known is None:
-        raise ProtocolError(
-            f"The bootloader reports an unknown chip signature {signature.hex(' ')}.",
-            cause="Either the chip is not an AVR this flasher knows, or the serial line garbles "
-            "bytes (wrong baud rate).",
-            hint="Check --baud; if the chip is new, flash it with avrdude and report the "
-            "signature so it can be added.",
-        )
-    return Chip(signature, known.name, known.flash_size, known.page_size, known.boot_sizes)
 
 
 class SilentBootloader(ConnectError):
@@ -168,8 +145,6 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         raise self._silence_error(tried)
 
     def _silence_error(self, tried: list[str]) -> FlashError:
-        from .avr_auto import explain_silence  # avr_auto builds on this module
-
         return explain_silence(self, tried) or SilentBootloader(
             f"No {self.bootloader_name} bootloader answered on {self.link.port} at "
             f"{self.link.baud} baud (tried: {'; '.join(tried) or 'nothing'}).",

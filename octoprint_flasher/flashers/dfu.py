@@ -6,7 +6,7 @@ touches (sector-aligned, never a mass erase unless asked), write in wTransferSiz
 read every byte back, and leave with the application's start address, confirming the device
 went away. Quick mode reads the touched sectors first and rewrites only those that differ.
 Protocol bytes live in :mod:`octoprint_flasher.protocols.dfuse`; USB lookup and USB error
-advice in :mod:`octoprint_flasher.usb_access`.
+advice in :mod:`octoprint_flasher.links.usb_device`.
 """
 
 from __future__ import annotations
@@ -15,10 +15,9 @@ import struct
 import time
 from typing import Any, Callable, Optional
 
-from .. import chips, usb_access
+from .. import chips
 from ..discovery import KIND_USB_DFU, Device
 from ..errors import ConnectError, FlashError, PreflightError, ProtocolError, VerifyError
-from ..firmware import FirmwareImage, Segment
 from ..flasher import (
     STAGE_ERASING,
     STAGE_READING,
@@ -33,6 +32,8 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
+from ..image.model import FirmwareImage, Segment
+from ..links import usb_device
 from ..protocols import dfuse
 from ..protocols.dfuse import DfuSession, DfuStatusError, MemoryLayout, Status, Timeouts
 from ..target import Target
@@ -40,6 +41,17 @@ from ..target import Target
 #: DfuSe needs whole flash words: 256-bit on H7 (ECC, never rewritable), 64-bit on G0.
 PAD = 32
 MAX_TRANSFER = 4096  # dfu-util's Linux clamp
+
+#: Sector-erase seconds (typical, maximum) by sector size, from the datasheets: STM32F4 at
+#: x32 parallelism (16/64/128 KiB), STM32H7 128 KiB sectors (about 1 s typical; the maximum
+#: allows for x8 parallelism), STM32G0 2 KiB pages. Only used to recover from the H7 ROM that
+#: stays in dfuDNBUSY after an erase.
+SECTOR_ERASE_S: dict[int, tuple[float, float]] = {
+    2 * 1024: (0.022, 0.040),
+    16 * 1024: (0.25, 0.5),
+    64 * 1024: (0.55, 1.1),
+    128 * 1024: (1.0, 4.0),
+}
 
 RDP_HINT = (
     "Read-out protection can only be removed by the 'unprotect' option, which makes the chip "
@@ -87,7 +99,7 @@ class DfuFlasher(Flasher):
         scale = float(target.options.get("dfu_time_scale", 1.0))
         self.timeouts = Timeouts(scale=scale)
         self.backend: Any = None
-        self.candidate: Optional[usb_access.DfuCandidate] = None
+        self.candidate: Optional[usb_device.DfuCandidate] = None
         self.session: Optional[DfuSession] = None
         self.layout: Optional[MemoryLayout] = None
         self.info: Optional[TargetInfo] = None
@@ -102,11 +114,11 @@ class DfuFlasher(Flasher):
     def _connect(self) -> DfuSession:
         if self.session is not None:
             return self.session
-        self.backend = usb_access.resolve_backend(self.target.usb_backend)
-        found = usb_access.find_dfu(self.backend, self.target.usb, self.target.usb_path)
+        self.backend = usb_device.resolve_backend(self.target.usb_backend)
+        found = usb_device.find_dfu(self.backend, self.target.usb, self.target.usb_path)
         found = [c for c in found if c.alts or c.error]
         if not found:
-            raise usb_access.not_found_error(self.backend, self.target.usb, self.target.usb_path)
+            raise usb_device.not_found_error(self.backend, self.target.usb, self.target.usb_path)
         if len(found) > 1:
             listing = ", ".join(f"{c.usb_id} at {c.path or '?'}" for c in found)
             raise ConnectError(
@@ -121,7 +133,7 @@ class DfuFlasher(Flasher):
         try:
             cand.device.set_interface_altsetting(cand.interface, 0)
         except Exception as exc:
-            raise usb_access.explain_usb_error(exc, "claiming the DFU interface") from exc
+            raise usb_device.explain_usb_error(exc, "claiming the DFU interface") from exc
         fd = dfuse.parse_functional_descriptor(cand.functional or b"")
         size = fd.transfer_size if fd is not None else 2048
         if fd is None:
@@ -168,7 +180,7 @@ class DfuFlasher(Flasher):
         if isinstance(exc, FlashError):
             return exc
         if dfuse.is_usb_error(exc) or type(exc).__name__ == "NoBackendError":
-            return usb_access.explain_usb_error(exc, what)
+            return usb_device.explain_usb_error(exc, what)
         raise exc
 
     # --- identify -------------------------------------------------------------------------
@@ -371,7 +383,7 @@ class DfuFlasher(Flasher):
         session = self.session
         assert session is not None
         cancel = cancel or CancelToken()
-        quick = quick or self.target.quick
+        quick = self._quick(quick)
         mass = bool(self.target.options.get("mass_erase"))
         sectors = self._sectors(image)
         self._jump = image.start
@@ -379,9 +391,15 @@ class DfuFlasher(Flasher):
             if self.target.options.get("unprotect") and self._read_protected(image.start):
                 session = self._unprotect()
             todo = sectors
+            blank_runs: list[tuple[int, bytes]] = []
+            same = 0
             if quick and not mass:
-                todo = self._changed_sectors(image, sectors, progress, cancel)
-                self.log(f"dfu: quick: {len(sectors) - len(todo)} of {len(sectors)} sectors same")
+                todo, blank_runs, same = self._plan_quick(image, sectors, progress, cancel)
+                self.log(
+                    f"dfu: quick: of {len(sectors)} sectors {same} already hold the image, "
+                    f"{len(sectors) - same - len(todo)} need no erase (the difference is blank "
+                    f"flash), {len(todo)} are erased and rewritten"
+                )
             if mass:
                 self.log("dfu: mass erase requested: the whole flash, bootloader included")
                 progress(Progress(STAGE_ERASING, 0, 1))
@@ -393,10 +411,10 @@ class DfuFlasher(Flasher):
                 progress(Progress(STAGE_ERASING, 0, total))
                 for start, size in todo:
                     cancel.check()
-                    session.erase_sector(start, size)
+                    self._erase_sector(session, start, size)
                     done += size
                     progress(Progress(STAGE_ERASING, done, total))
-            runs = self._runs(image, todo)
+            runs = sorted(self._runs(image, todo) + blank_runs)
             total = sum(len(d) for _, d in runs)
             written = 0
             chunks = 0
@@ -422,9 +440,22 @@ class DfuFlasher(Flasher):
             bytes_written=written,
             bytes_verified=verified,
             blocks_written=chunks,
-            blocks_skipped=len(sectors) - len(todo),
+            blocks_skipped=same if quick and not mass else 0,
             seconds=time.monotonic() - began,
         )
+
+    def _erase_sector(self, session: DfuSession, start: int, size: int) -> None:
+        """Erase one sector. On an STM32H7 (whose rev V ROM never reports an erase complete)
+        or once that quirk was seen, recover as soon as the datasheet's typical erase time is
+        over instead of at the deadline; the session then reads the sector back to confirm."""
+        stuck_early = "stuck-dnbusy" in session.quirks_used or (
+            self.chip is not None and self.chip.name.startswith("STM32H7")
+        )
+        typical, longest = SECTOR_ERASE_S.get(size, (None, None))
+        if stuck_early and typical is not None:
+            session.erase_sector(start, size, typical_s=typical, max_s=longest)
+        else:
+            session.erase_sector(start, size)
 
     def _runs(
         self, image: FirmwareImage, sectors: list[tuple[int, int]]
@@ -439,28 +470,78 @@ class DfuFlasher(Flasher):
         merged = FirmwareImage(runs).segments if runs else []
         return [(s.address, s.data) for s in merged]
 
-    def _changed_sectors(
+    def _quick(self, asked: bool) -> bool:
+        """Quick is this method's default: reading a sector over USB costs a fraction of
+        erasing it. ``Target.quick = False`` (the CLI's ``--full``) forces a full erase and
+        write of every touched sector; ``None`` means the default."""
+        return bool(asked) or self.target.quick is not False
+
+    def _plan_quick(
         self,
         image: FirmwareImage,
         sectors: list[tuple[int, int]],
         progress: ProgressCallback,
         cancel: CancelToken,
-    ) -> list[tuple[int, int]]:
-        """Sectors whose content differs from what a full flash would leave (image bytes,
-        0xFF elsewhere in the sector)."""
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, bytes]], int]:
+        """Read the touched sectors and decide, per sector, against what a full flash would
+        leave there (the image's bytes, 0xFF elsewhere): identical (nothing to do), different
+        only where the flash is still blank (write just those flash words, no erase), or
+        different (erase and rewrite the sector). Reading stops at the first difference that
+        needs an erase, so a new build costs one short read per sector.
+
+        Returns (sectors to erase, runs to write without erasing, identical sector count).
+        """
         session = self.session
         assert session is not None
         total = sum(size for _, size in sectors)
         done = 0
-        changed: list[tuple[int, int]] = []
+        erase: list[tuple[int, int]] = []
+        runs: list[tuple[int, bytes]] = []
+        same = 0
+        progress(Progress(STAGE_READING, 0, total))
         for start, size in sectors:
-            cancel.check()
-            current = session.read(start, size)
-            if current != image.read(start, size, 0xFF):
-                changed.append((start, size))
+            want = image.read(start, size, 0xFF)
+            pos = 0
+            piece = 2048
+            needs_erase = False
+            differs: list[int] = []  # offsets of PAD-sized words to program
+            while pos < size and not needs_erase:
+                cancel.check()
+                n = min(piece, size - pos)
+                have = session.read(start + pos, n)
+                for w in range(pos, pos + n, PAD):
+                    new, old = want[w : w + PAD], have[w - pos : w - pos + PAD]
+                    if new == old:
+                        continue
+                    if old.count(0xFF) != len(old):
+                        needs_erase = True
+                        break
+                    differs.append(w)
+                pos += n
+                piece = min(piece * 8, size)
+                progress(Progress(STAGE_READING, done + pos, total))
             done += size
-            progress(Progress(STAGE_READING, done, total))
-        return changed
+            if needs_erase:
+                erase.append((start, size))
+            elif differs:
+                runs.extend(self._word_runs(start, want, differs))
+            else:
+                same += 1
+        progress(Progress(STAGE_READING, total, total))
+        return erase, runs, same
+
+    @staticmethod
+    def _word_runs(base: int, want: bytes, offsets: list[int]) -> list[tuple[int, bytes]]:
+        """Contiguous runs of the PAD-sized words at ``offsets`` (sorted) of ``want``."""
+        runs: list[tuple[int, bytes]] = []
+        lo = hi = offsets[0]
+        for w in offsets[1:] + [-1]:
+            if w == hi + PAD:
+                hi = w
+                continue
+            runs.append((base + lo, want[lo : hi + PAD]))
+            lo = hi = w
+        return runs
 
     def _verify(
         self, runs: list[tuple[int, bytes]], progress: ProgressCallback, cancel: CancelToken
@@ -608,9 +689,9 @@ class DfuFlasher(Flasher):
         deadline = time.monotonic() + self.timeouts.seconds(self.timeouts.leave_gone_s)
         gone = False
         while time.monotonic() < deadline:
-            devs = usb_access.list_devices(self.backend)
-            here = [d for d in devs if not path or usb_access.usb_path(d) == path]
-            dfu_here = [d for d in here if (d.idVendor, d.idProduct) == usb_access.ST_DFU]
+            devs = usb_device.list_devices(self.backend)
+            here = [d for d in devs if not path or usb_device.usb_path(d) == path]
+            dfu_here = [d for d in here if (d.idVendor, d.idProduct) == usb_device.ST_DFU]
             same = [d for d in dfu_here if d.address == address]
             if not gone and not same:
                 gone = True
@@ -661,9 +742,9 @@ def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Flasher:
 def discover(usb_backend: Any = None) -> list[Device]:
     """DFU devices for the device list, plus USB-CAN bridges (which cannot be seen as serial
     ports) with advice on how to get them into a bootloader."""
-    backend = usb_access.resolve_backend(usb_backend)
+    backend = usb_device.resolve_backend(usb_backend)
     devices: list[Device] = []
-    for cand in usb_access.find_dfu(backend):
+    for cand in usb_device.find_dfu(backend):
         chip: Optional[str] = None
         details: dict[str, Any] = {"alternates": [a.name for a in cand.alts]}
         description = "STM32 ROM bootloader (USB DFU)"
@@ -701,11 +782,11 @@ def discover(usb_backend: Any = None) -> list[Device]:
                 details=details,
             )
         )
-    for dev in usb_access.list_devices(backend):
+    for dev in usb_device.list_devices(backend):
         row = chips.lookup_usb(dev.idVendor, dev.idProduct)
         if row is None or row.kind != "can-bridge":
             continue
-        path = usb_access.usb_path(dev)
+        path = usb_device.usb_path(dev)
         devices.append(
             Device(
                 id=f"usb:{path or chips.format_usb_id(dev.idVendor, dev.idProduct)}",

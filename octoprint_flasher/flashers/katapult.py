@@ -1,7 +1,7 @@
 """Katapult flasher over CAN (any python-can interface) or a serial port (USB-CDC, UART).
 
 Flow: enter Katapult if Klipper runs (CAN request, 1200-baud touch, serial request string or
-USB-CAN bridge follow; see :mod:`octoprint_flasher.bootloader_entry`), CONNECT, check the file
+USB-CAN bridge follow; see :mod:`octoprint_flasher.links.bootloader_entry`), CONNECT, check the file
 against what CONNECT reports, write blocks, SEND_EOF, read every written block back, and only
 then COMPLETE. After any failure COMPLETE is never sent: the board waits in Katapult for a
 retry, because Katapult starts whatever sits at the application address without checking it.
@@ -12,11 +12,9 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from .. import bootloader_entry as entry
 from .. import chips
 from ..discovery import KIND_CAN, Device
 from ..errors import ConnectError, FlashError, PreflightError, ProtocolError, VerifyError
-from ..firmware import FirmwareImage, Segment
 from ..flasher import (
     STAGE_READING,
     STAGE_VERIFYING,
@@ -30,7 +28,9 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
-from ..klipper_image import check_reset_vector, klipper_build, looks_like_katapult
+from ..image.klipper import check_reset_vector, klipper_build, looks_like_katapult
+from ..image.model import FirmwareImage, Segment
+from ..links import bootloader_entry as entry
 from ..protocols import katapult as kp
 from ..protocols import klipper_can
 from ..target import Target
@@ -133,7 +133,7 @@ class KatapultFlasher(Flasher):
 
     # -- transports --------------------------------------------------------------------------
     def _open_can(self) -> None:
-        from ..can_link import CanLink, open_bus
+        from ..links.can_bus import CanLink, open_bus
 
         t = self.target
         self.can_link = CanLink(
@@ -144,7 +144,7 @@ class KatapultFlasher(Flasher):
         if self.open_serial is not None:
             ser = self.open_serial(port, baud, timeout=0.1)
         else:
-            from ..serial_port import open_port
+            from ..links.serial_port import open_port
 
             ser = open_port(port, baud, timeout=0.1)
         self.serial = SerialByteLink(ser)
@@ -240,7 +240,7 @@ class KatapultFlasher(Flasher):
             self.transport = "serial"
             self._identify_serial(result.serial_port.device, known=result.serial_port)
             return
-        from ..can_link import NodeStream
+        from ..links.can_bus import NodeStream
 
         nodeid = klipper_can.KATAPULT_NODEID
         admin.assign_katapult(self.uuid, nodeid)
@@ -359,7 +359,7 @@ class KatapultFlasher(Flasher):
         if self.target.can_interface != "socketcan":
             return ""
         try:
-            from .. import can_diagnostics
+            from ..links import can_diagnostics
 
             advice = can_diagnostics.advise(
                 can_diagnostics.read_facts(self.target.can_channel, reader=self.can_facts),
@@ -486,7 +486,7 @@ class KatapultFlasher(Flasher):
         if self.target.can_interface != "socketcan":
             return None
         try:
-            from .. import can_diagnostics
+            from ..links import can_diagnostics
 
             return can_diagnostics.read_facts(
                 self.target.can_channel, reader=self.can_facts
@@ -706,7 +706,7 @@ def discover(
 ) -> list[Device]:
     """CAN nodes that answer QUERY_UNASSIGNED. Only a query is sent: assigned nodes (Klipper
     with klippy running, a Katapult node being flashed) stay silent and undisturbed."""
-    from ..can_link import CanLink, open_bus
+    from ..links.can_bus import CanLink, open_bus
 
     link = CanLink(open_bus(can_interface, can_channel, None, can_bus_factory))
     try:

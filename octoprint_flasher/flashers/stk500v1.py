@@ -12,16 +12,14 @@ import time
 from typing import Any, Callable, Optional
 
 from ..flasher import CancelToken, LogCallback
-from ..protocols.stk500v1 import Stk500v1
-from ..reset import ManualReset, ResetStrategy, arduino_reset
-from ..serial_port import SerialLink
+from ..links.reset import ManualReset, ResetStrategy, arduino_reset
+from ..links.serial_port import SerialLink
+from ..protocols.stk500v1 import FIRST_SYNC_WAIT, Stk500v1
 from ..target import Target
 from .avr_base import AvrSerialFlasher, open_serial_flasher
 
 DEFAULT_BAUD = 115200
 
-#: optiboot flashes its LED for ~375 ms before it reads the first byte
-FIRST_SYNC_WAIT = 0.6
 #: optiboot major version from which UNIVERSAL 0x4D reaches flash above 128 KiB
 EXTENDED_ADDRESS_MAJOR = 6
 

@@ -22,17 +22,15 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from ..firmware import FirmwareImage
 from ..flasher import STAGE_READING, CancelToken, LogCallback, Progress, ProgressCallback
-from ..protocols.stk500v2 import Stk500v2, Stk500v2Error
-from ..reset import ManualReset, ResetStrategy, wiring_reset
-from ..serial_port import SerialLink, modem_lines_work
+from ..image.model import FirmwareImage
+from ..links.reset import ManualReset, ResetStrategy, wiring_reset
+from ..links.serial_port import SerialLink, modem_lines_work
+from ..protocols.stk500v2 import SIGN_ON_WAIT, Stk500v2, Stk500v2Error
 from ..target import Target
 from .avr_base import AvrSerialFlasher, open_serial_flasher
 
 DEFAULT_BAUD = 115200
-#: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
-SIGN_ON_WAIT = 0.25
 
 
 class Stk500v2Flasher(AvrSerialFlasher):

@@ -5,7 +5,7 @@ stream on ``0x100 + 2n`` and sends on ``0x100 + 2n + 1``. Klipper and Katapult s
 layer and a chip's UUID, and differ only in the "app" byte of the query answer.
 
 Pure frame logic over a :class:`FrameLink` (11-bit ids, <= 8 data bytes); python-can lives
-in :mod:`octoprint_flasher.can_link`.
+in :mod:`octoprint_flasher.links.can_bus`.
 """
 
 from __future__ import annotations

@@ -16,7 +16,10 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..errors import ProtocolError
-from ..serial_port import Wire
+from ..links.serial_port import Wire
+
+#: optiboot flashes its LED for ~375 ms before it reads the first byte
+FIRST_SYNC_WAIT = 0.6
 
 CRC_EOP = 0x20
 INSYNC = 0x14

@@ -19,7 +19,10 @@ import time
 from typing import Any, Optional
 
 from ..errors import ProtocolError
-from ..serial_port import Wire
+from ..links.serial_port import Wire
+
+#: the bootloader jumps to the application ~0.83 s after reset unless a byte arrives
+SIGN_ON_WAIT = 0.25
 
 MESSAGE_START = 0x1B
 TOKEN = 0x0E

@@ -14,7 +14,7 @@ import pytest
 import serial
 
 from octoprint_flasher.errors import ConnectError
-from octoprint_flasher.reset import (
+from octoprint_flasher.links.reset import (
     DtrPulse,
     ManualReset,
     NoModemLines,
@@ -23,7 +23,7 @@ from octoprint_flasher.reset import (
     reset_chain,
     wiring_reset,
 )
-from octoprint_flasher.serial_port import (
+from octoprint_flasher.links.serial_port import (
     SerialLink,
     Wire,
     modem_lines_work,

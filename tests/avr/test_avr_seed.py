@@ -16,8 +16,8 @@ import pytest
 from intelhex import IntelHex
 
 from octoprint_flasher.errors import ConnectError
-from octoprint_flasher.firmware import image_from_bytes
 from octoprint_flasher.flashers import avr_auto, stk500v1, stk500v2
+from octoprint_flasher.image.model import image_from_bytes
 from octoprint_flasher.target import Target
 from tests.emulators.stk500_board import Stk500Board
 

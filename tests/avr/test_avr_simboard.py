@@ -13,9 +13,9 @@ import pytest
 
 from octoprint_flasher import methods
 from octoprint_flasher.errors import PreflightError
-from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flashers.avr_auto import probe
-from octoprint_flasher.loaders import load
+from octoprint_flasher.image.load import load
+from octoprint_flasher.image.model import FirmwareImage, Segment
 from octoprint_flasher.target import Target
 from tests.emulators.simboard import CONFIGS, SimBoard, serial_read_until
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from octoprint_flasher import loaders, preflight
+from octoprint_flasher import preflight
+from octoprint_flasher.image import load as loaders
 from tests.emulators.simboard import build_test_firmware
 
 

@@ -12,10 +12,10 @@ from typing import Any, Iterator
 import pytest
 
 from octoprint_flasher.errors import ConnectError, FlashError, PreflightError
-from octoprint_flasher.firmware import FirmwareImage, Segment, image_from_bytes
 from octoprint_flasher.flashers import avr_auto, stk500v1, stk500v2
 from octoprint_flasher.flashers.avr_base import AvrSerialFlasher
-from octoprint_flasher.serial_port import SerialLink
+from octoprint_flasher.image.model import FirmwareImage, Segment, image_from_bytes
+from octoprint_flasher.links.serial_port import SerialLink
 from octoprint_flasher.target import Target
 from tests.emulators.stk500_board import Stk500Board
 

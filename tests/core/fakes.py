@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from octoprint_flasher.errors import ConnectError, PreflightError, ProtocolError, VerifyError
-from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flasher import (
     STAGE_ERASING,
     STAGE_READING,
@@ -26,6 +25,7 @@ from octoprint_flasher.flasher import (
     TargetInfo,
     no_progress,
 )
+from octoprint_flasher.image.model import FirmwareImage, Segment
 from octoprint_flasher.target import Target
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from octoprint_flasher import cli, loaders, methods
+from octoprint_flasher import cli, methods
 from octoprint_flasher.errors import UnsupportedError
+from octoprint_flasher.image import load as loaders
 from tests.core.fakes import FakeBoard, opener_for
 from tests.data import make_bad_corpus as corpus
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from octoprint_flasher import cli, loaders
+from octoprint_flasher import cli
+from octoprint_flasher.image import load as loaders
 
 stk500_board = pytest.importorskip("tests.emulators.stk500_board")
 

@@ -10,7 +10,6 @@ from typing import Any, Optional
 import pytest
 
 from octoprint_flasher.errors import BusyError
-from octoprint_flasher.firmware import FirmwareImage
 from octoprint_flasher.flasher import (
     CancelToken,
     Flasher,
@@ -20,6 +19,7 @@ from octoprint_flasher.flasher import (
     ProgressCallback,
     no_progress,
 )
+from octoprint_flasher.image.model import FirmwareImage
 from octoprint_flasher.job import FlashJob, JobEvent, JobResult, NoHost
 from octoprint_flasher.store import Store
 from octoprint_flasher.target import Target

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from intelhex import IntelHex
 
-from octoprint_flasher import loaders
 from octoprint_flasher.errors import ImageError, PreflightError
-from octoprint_flasher.firmware import FirmwareImage
+from octoprint_flasher.image import load as loaders
+from octoprint_flasher.image.model import FirmwareImage
 from tests.data import make_bad_corpus as corpus
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -8,8 +8,8 @@ import pytest
 
 from octoprint_flasher import preflight
 from octoprint_flasher.errors import ImageError, PreflightError
-from octoprint_flasher.firmware import FirmwareImage, Segment, image_from_bytes
 from octoprint_flasher.flasher import TargetInfo
+from octoprint_flasher.image.model import FirmwareImage, Segment, image_from_bytes
 
 M1284_OPTIBOOT = TargetInfo(
     method="stk500v1",

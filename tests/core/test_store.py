@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from octoprint_flasher import loaders
 from octoprint_flasher.errors import ImageError
-from octoprint_flasher.firmware import FirmwareImage, Segment
+from octoprint_flasher.image import load as loaders
+from octoprint_flasher.image.model import FirmwareImage, Segment
 from octoprint_flasher.store import Store, write_image_file
 
 DATA = Path(__file__).resolve().parent.parent / "data"

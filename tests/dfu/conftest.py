@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import pytest
 
-from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flasher import Progress
 from octoprint_flasher.flashers.dfu import DfuFlasher
+from octoprint_flasher.image.model import FirmwareImage, Segment
 from octoprint_flasher.target import Target
 from tests.emulators.dfu_device import MODELS, DfuBackend, EmulatedDfuDevice, Faults
 

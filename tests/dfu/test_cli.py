@@ -9,7 +9,8 @@ from typing import Optional
 
 import pytest
 
-from octoprint_flasher import cli, usb_access
+from octoprint_flasher import cli
+from octoprint_flasher.links import usb_device
 from tests.dfu.conftest import klipper_like, make_board
 from tests.emulators.dfu_device import DfuBackend, Faults
 
@@ -27,9 +28,9 @@ def board(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> DfuBackend:
     global _BACKEND
     b = make_board("STM32F446", bootloader=32 * 1024)
     _BACKEND = b.backend
-    monkeypatch.setenv(usb_access.ENV_BACKEND, f"{__name__}:shared_backend")
+    monkeypatch.setenv(usb_device.ENV_BACKEND, f"{__name__}:shared_backend")
     monkeypatch.setenv(cli.ENV_HOME, str(tmp_path / "home"))
-    usb_access._ENV_CACHE.clear()
+    usb_device._ENV_CACHE.clear()
     return b.backend
 
 
@@ -81,7 +82,7 @@ def test_no_permission_prints_the_udev_rule(board: DfuBackend, tmp_path: Path) -
     firmware.write_bytes(klipper_like(0x08008000, 4096))
     code, _, err = run("flash", str(firmware), "--method", "dfu")
     assert code == cli.EXIT_FAILED
-    assert usb_access.UDEV_RULE in err
+    assert usb_device.UDEV_RULE in err
 
 
 def test_reading_an_erased_application_area_writes_no_file(

@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import pytest
 
-from octoprint_flasher import loaders, methods
+from octoprint_flasher import methods
 from octoprint_flasher.errors import (
     BusyError,
     CancelledError,
@@ -17,8 +17,9 @@ from octoprint_flasher.errors import (
     ProtocolError,
     VerifyError,
 )
-from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flasher import STAGE_ERASING, STAGE_VERIFYING, STAGE_WRITING, CancelToken
+from octoprint_flasher.image import load as loaders
+from octoprint_flasher.image.model import FirmwareImage, Segment
 from tests.dfu.conftest import Board, bin_image, klipper_like, make_board, placed
 from tests.emulators.dfu_device import F429, F446, H723, DfuBackend, EmulatedDfuDevice, Faults
 

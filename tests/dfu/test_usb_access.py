@@ -7,9 +7,9 @@ import errno
 import pytest
 import usb.core
 
-from octoprint_flasher import usb_access
 from octoprint_flasher.errors import BusyError, ConnectError
 from octoprint_flasher.flashers import dfu
+from octoprint_flasher.links import usb_device
 from octoprint_flasher.target import Target
 from tests.dfu.conftest import make_board
 from tests.emulators.dfu_device import H723, DfuBackend, EmulatedDfuDevice
@@ -24,18 +24,18 @@ def running(vid: int, pid: int) -> DfuBackend:
 
 
 def test_usb_can_bridge_instead_of_dfu_explains_the_way_in() -> None:
-    error = usb_access.not_found_error(running(0x1D50, 0x606F))
+    error = usb_device.not_found_error(running(0x1D50, 0x606F))
     assert "1d50:606f" in error.message and "USB-to-CAN bridge" in error.message
     assert "katapult" in error.hint and "BOOT0" in error.hint
 
 
 def test_klipper_over_usb_suggests_the_1200_baud_touch() -> None:
-    error = usb_access.not_found_error(running(0x1D50, 0x614E))
+    error = usb_device.not_found_error(running(0x1D50, 0x614E))
     assert "1200-baud" in error.hint
 
 
 def test_nothing_at_all_gives_the_boot0_steps() -> None:
-    error = usb_access.not_found_error(DfuBackend([]))
+    error = usb_device.not_found_error(DfuBackend([]))
     assert "power it off" in error.hint and "remove the jumper" in error.hint
 
 
@@ -56,39 +56,39 @@ def test_flasher_uses_that_advice() -> None:
     ],
 )
 def test_usb_errors_become_advice(exc: Exception, kind: type, words: str) -> None:
-    error = usb_access.explain_usb_error(exc)
+    error = usb_device.explain_usb_error(exc)
     assert isinstance(error, kind)
     assert words in str(error)
 
 
 def test_environment_backend_is_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    usb_access._ENV_CACHE.clear()
-    monkeypatch.setenv(usb_access.ENV_BACKEND, "tests.emulators.dfu_device:backend_from_env")
+    usb_device._ENV_CACHE.clear()
+    monkeypatch.setenv(usb_device.ENV_BACKEND, "tests.emulators.dfu_device:backend_from_env")
     monkeypatch.setenv("FLASHER_DFU_EMU", "STM32G0B1,bootloader=8192")
-    first = usb_access.resolve_backend()
-    assert usb_access.resolve_backend() is first
-    assert [c.usb_id for c in usb_access.find_dfu(first)] == ["0483:df11"]
-    usb_access._ENV_CACHE.clear()
+    first = usb_device.resolve_backend()
+    assert usb_device.resolve_backend() is first
+    assert [c.usb_id for c in usb_device.find_dfu(first)] == ["0483:df11"]
+    usb_device._ENV_CACHE.clear()
 
 
 def test_bad_environment_backend_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    usb_access._ENV_CACHE.clear()
-    monkeypatch.setenv(usb_access.ENV_BACKEND, "no_such_module_xyz:factory")
+    usb_device._ENV_CACHE.clear()
+    monkeypatch.setenv(usb_device.ENV_BACKEND, "no_such_module_xyz:factory")
     with pytest.raises(ConnectError, match="cannot be loaded"):
-        usb_access.resolve_backend()
-    monkeypatch.setenv(usb_access.ENV_BACKEND, "nocolon")
+        usb_device.resolve_backend()
+    monkeypatch.setenv(usb_device.ENV_BACKEND, "nocolon")
     with pytest.raises(ConnectError, match="module:factory"):
-        usb_access.resolve_backend()
+        usb_device.resolve_backend()
 
 
 def test_filters_by_id_and_path() -> None:
     a = EmulatedDfuDevice(H723, port_numbers=(1, 4))
     backend = DfuBackend([a])
-    assert usb_access.find_dfu(backend, "0483:df11", "1-1.4")[0].path == "1-1.4"
-    assert usb_access.find_dfu(backend, None, "1-2") == []
-    assert usb_access.find_dfu(backend, "1d50:614e") == []
+    assert usb_device.find_dfu(backend, "0483:df11", "1-1.4")[0].path == "1-1.4"
+    assert usb_device.find_dfu(backend, None, "1-2") == []
+    assert usb_device.find_dfu(backend, "1d50:614e") == []
     with pytest.raises(ConnectError, match="VID:PID"):
-        usb_access.find_dfu(backend, "df11")
+        usb_device.find_dfu(backend, "df11")
 
 
 def test_discover_lists_dfu_boards_and_can_bridges() -> None:

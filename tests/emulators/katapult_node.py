@@ -29,8 +29,8 @@ from typing import Any, Callable, Optional
 
 import can
 
-from octoprint_flasher.bootloader_entry import BridgeInfo, UsbPort
-from octoprint_flasher.klipper_image import find_dictionary
+from octoprint_flasher.image.klipper import find_dictionary
+from octoprint_flasher.links.bootloader_entry import BridgeInfo, UsbPort
 from octoprint_flasher.protocols import katapult as kp
 from octoprint_flasher.protocols import klipper_can as kc
 
@@ -978,7 +978,7 @@ class _SerialRunner:
         board = self.board
         if board.mode == "klipper":
             self._magic += data
-            from octoprint_flasher.bootloader_entry import SERIAL_BOOTLOADER_REQUEST
+            from octoprint_flasher.links.bootloader_entry import SERIAL_BOOTLOADER_REQUEST
 
             if SERIAL_BOOTLOADER_REQUEST[1:-1] in self._magic:
                 self._magic.clear()

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from octoprint_flasher.firmware import FirmwareImage, image_from_bytes
+from octoprint_flasher.image.model import FirmwareImage, image_from_bytes
 from octoprint_flasher.target import Target
 from tests.emulators.katapult_node import EmulatedBoard, UsbWorld, virtual_bus_factory
 

@@ -8,8 +8,8 @@ from typing import Any, Optional
 import can
 import pytest
 
-from octoprint_flasher.can_link import CanLink, NodeStream, factory_from_env
 from octoprint_flasher.errors import ConnectError
+from octoprint_flasher.links.can_bus import CanLink, NodeStream, factory_from_env
 from octoprint_flasher.protocols import klipper_can as kc
 
 

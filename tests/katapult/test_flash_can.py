@@ -350,7 +350,7 @@ def test_seed_silence_carries_the_interface_advice(make_board: MakeBoard, world:
 
 def test_a_hex_with_a_hole_is_written_contiguously(make_board: MakeBoard, world: UsbWorld) -> None:
     """Old firmware sits in the hole: it must be erased with its page, not left between."""
-    from octoprint_flasher.firmware import FirmwareImage, Segment
+    from octoprint_flasher.image.model import FirmwareImage, Segment
 
     board = make_board(firmware="katapult").start()
     board.install_app(b"\x00" * 4096)

@@ -133,7 +133,7 @@ def test_klipper_usb_without_katapult_lands_in_rom_dfu(
 
 def test_bridge_is_found_in_sysfs(tmp_path: Path) -> None:
     """/sys/class/net/can0/device -> the USB interface; its parent is the Klipper bridge."""
-    from octoprint_flasher.bootloader_entry import find_usb_can_bridge
+    from octoprint_flasher.links.bootloader_entry import find_usb_can_bridge
 
     usb = tmp_path / "devices" / "usb1" / "1-1.3"
     (usb / "1-1.3:1.0").mkdir(parents=True)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from octoprint_flasher import can_diagnostics as cd
-from octoprint_flasher.klipper_image import check_reset_vector, klipper_build, looks_like_katapult
+from octoprint_flasher.image.klipper import check_reset_vector, klipper_build, looks_like_katapult
+from octoprint_flasher.links import can_diagnostics as cd
 from tests.emulators.klipper_firmware import make_deployer_bin, make_katapult_bin, make_klipper_bin
 
 FIXTURES = Path(__file__).parent / "fixtures"

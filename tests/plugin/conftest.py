@@ -28,7 +28,7 @@ from octoprint.vendor.flask_principal import (
 )
 
 import octoprint_flasher
-from octoprint_flasher import settings as flasher_settings
+from octoprint_flasher.plugin import settings as flasher_settings
 from tests.plugin.fakes import FakeFlasher, FakePrinter, MemoryBoard
 
 # Register the plugin permission once, as the server does from the permissions hook.

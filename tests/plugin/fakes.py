@@ -13,7 +13,6 @@ import time
 from typing import Any, Callable, Optional
 
 from octoprint_flasher.errors import ProtocolError
-from octoprint_flasher.firmware import FirmwareImage, Segment
 from octoprint_flasher.flasher import (
     STAGE_VERIFYING,
     STAGE_WRITING,
@@ -26,6 +25,7 @@ from octoprint_flasher.flasher import (
     TargetInfo,
     no_progress,
 )
+from octoprint_flasher.image.model import FirmwareImage, Segment
 
 FLASH_SIZE = 128 * 1024
 APP_END = FLASH_SIZE - 1024

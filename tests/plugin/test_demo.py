@@ -10,8 +10,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from octoprint_flasher import discovery, loaders, preflight
-from octoprint_flasher.api import apply_transports, target_from_json
+from octoprint_flasher import discovery, preflight
+from octoprint_flasher.image import load as loaders
+from octoprint_flasher.plugin.routes import apply_transports, target_from_json
 
 REPO = Path(__file__).resolve().parents[2]
 

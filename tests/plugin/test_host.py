@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from octoprint_flasher.errors import ConnectError
-from octoprint_flasher.host import HostOptions, OctoPrintHost
+from octoprint_flasher.plugin.host import HostOptions, OctoPrintHost
 from tests.plugin.fakes import FakePrinter
 
 
@@ -125,8 +125,8 @@ def test_a_printer_that_never_gets_operational_times_out_with_advice() -> None:
 def test_a_port_octoprint_cannot_open_names_who_holds_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from octoprint_flasher import host as host_module
     from octoprint_flasher.diagnostics import PortHolder
+    from octoprint_flasher.plugin import host as host_module
 
     printer = FakePrinter()
     host, _clock, _lines = make_host(printer, reconnect_timeout=5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from octoprint_flasher.api import MessageThrottle
+from octoprint_flasher.plugin.routes import MessageThrottle
 from tests.plugin.conftest import Harness
 
 TARGET = {"method": "stk500v1", "port": "/dev/ttyUSB0"}

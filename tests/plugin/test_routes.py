@@ -429,8 +429,8 @@ def test_status_mid_flash_lets_a_reloaded_page_resync(harness: Harness, hex_file
 
 
 def test_old_uploads_are_pruned_but_backups_are_kept(harness: Harness, hex_file: Path) -> None:
-    from octoprint_flasher.api import KEPT_UPLOADS
-    from octoprint_flasher.firmware import image_from_bytes
+    from octoprint_flasher.image.model import image_from_bytes
+    from octoprint_flasher.plugin.routes import KEPT_UPLOADS
 
     backup = harness.plugin._store.add_backup(image_from_bytes(b"\x01" * 64, 0), "/dev/ttyUSB0")
     ids = [_upload_ok(harness, hex_file)["image"]["id"] for _ in range(KEPT_UPLOADS + 3)]

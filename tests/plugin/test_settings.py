@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from octoprint_flasher import settings
+from octoprint_flasher.plugin import settings
 from tests.plugin.conftest import FakeSettings, Harness
 
 

@@ -23,9 +23,9 @@ import octoprint.plugin
 from flask_babel import gettext
 from octoprint.access.permissions import Permissions
 
-from .errors import BusyError, FlashError, ImageError, UnsupportedError
+from ..errors import BusyError, FlashError, ImageError, UnsupportedError
+from ..target import METHODS, Target
 from .settings import max_upload_bytes
-from .target import METHODS, Target
 
 UPLOAD_FIELD = "file"
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._+-]+")
@@ -422,7 +422,7 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
     @octoprint.plugin.BlueprintPlugin.route("/upload", methods=["POST"])
     @Permissions.PLUGIN_FLASHER_FLASH.require(403)
     def upload(self) -> Any:
-        from .preflight import check_offline
+        from ..preflight import check_offline
 
         suffixes = self._settings.global_get(["server", "uploads"]) or {}
         path_key = UPLOAD_FIELD + "." + str(suffixes.get("pathSuffix") or "path")
@@ -512,7 +512,7 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
     @octoprint.plugin.BlueprintPlugin.route("/devices", methods=["GET"])
     @Permissions.PLUGIN_FLASHER_FLASH.require(403)
     def devices(self) -> Any:
-        from . import discovery
+        from .. import discovery
 
         transports = self.flasher_transports()
         patterns = list(self._settings.global_get(["serial", "additionalPorts"]) or [])

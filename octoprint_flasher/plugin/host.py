@@ -16,8 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
-from .diagnostics import port_holders
-from .errors import ConnectError
+from ..diagnostics import port_holders
+from ..errors import ConnectError
 from .settings import gcode_lines
 
 # Printer states in which waiting longer for "Operational" cannot help.

@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 
 import serial
 
-from .errors import ConnectError
+from ..errors import ConnectError
 
 # <linux/serial.h>: struct serial_struct starts with 4 ints (type, line, port, irq) then flags.
 _TIOCGSERIAL = getattr(termios, "TIOCGSERIAL", 0x541E)

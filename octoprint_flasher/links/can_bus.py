@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any, Callable, Optional
 
-from .errors import ConnectError
+from ..errors import ConnectError
 
 BusFactory = Callable[[], Any]
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Optional
 
-from .target import METHODS
+from ..target import METHODS
 
 SETTINGS_VERSION = 2
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .errors import ConnectError
-from .protocols import klipper_can
-from .protocols.klipper_can import Admin, NodeAnswer
+from ..errors import ConnectError
+from ..protocols import klipper_can
+from ..protocols.klipper_can import Admin, NodeAnswer
 
 KATAPULT_USB = (0x1D50, 0x6177)
 KLIPPER_USB = (0x1D50, 0x614E)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .errors import BusyError, ConnectError, FlashError
+from ..errors import BusyError, ConnectError, FlashError
 
 ENV_BACKEND = "OCTOPRINT_FLASHER_USB_BACKEND"
 
@@ -212,7 +212,7 @@ def list_devices(backend: Any) -> list[Any]:
 def _dfu_interfaces(dev: Any) -> tuple[list[tuple[int, int, int]], Optional[bytes]]:
     """``(interface, alt, iInterface)`` of every DFU interface plus the functional descriptor
     (configuration extras first, then each alt, as dfu-util searches)."""
-    from .protocols.dfuse import DFU_CLASS, DFU_SUBCLASS, parse_functional_descriptor
+    from ..protocols.dfuse import DFU_CLASS, DFU_SUBCLASS, parse_functional_descriptor
 
     found: list[tuple[int, int, int]] = []
     functional: Optional[bytes] = None

@@ -2,7 +2,7 @@
 
 A :class:`FirmwareImage` is what every flasher consumes: ordered, non-overlapping segments of
 bytes at absolute addresses, plus where it came from. Loaders for Intel HEX, raw ``.bin`` and
-DfuSe ``.dfu`` live in :mod:`octoprint_flasher.loaders`; this module only models the result.
+DfuSe ``.dfu`` live beside it in :mod:`octoprint_flasher.image`; this module only models the result.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
+
+#: The advice for a file that is damaged or not what the build produced.
+REBUILD_HINT = "Rebuild or download the firmware again and upload the .hex (or .bin) file."
 
 
 @dataclass(frozen=True)
