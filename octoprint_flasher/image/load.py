@@ -3,9 +3,9 @@
 Everything a user can upload passes through here first, so every way a file can be wrong
 ends in an :class:`ImageError` that names the file, the line or offset, and what to do --
 before any board is touched. The kind comes from the content, with the extension as a tie
-breaker: a G-code, ELF or UF2 file is recognised and refused with the right advice whatever
-it is called. The formats themselves live in :mod:`.intel_hex`, :mod:`.raw_bin` and
-:mod:`.dfuse_file`.
+breaker: a G-code or ELF file is recognised and refused with the right advice whatever it is
+called. The formats themselves live in :mod:`.intel_hex`, :mod:`.raw_bin`, :mod:`.dfuse_file`
+and :mod:`.uf2` (RP2040/RP2350 UF2 files; UF2s for other chips are refused there).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import ImageError
+from . import prusa_hex, uf2
 from .dfuse_file import parse_dfuse
 from .intel_hex import parse_hex, refuse_avr_extra_sections
 from .model import REBUILD_HINT, FirmwareImage
@@ -29,6 +30,7 @@ DEFAULT_MAX_SIZE = 16 * MIB
 HEX_EXTENSIONS = (".hex", ".ihex", ".ihx")
 BIN_EXTENSIONS = (".bin",)
 DFU_EXTENSIONS = (".dfu",)
+UF2_EXTENSIONS = (".uf2",)
 GCODE_EXTENSIONS = (".gcode", ".gco", ".g", ".gc", ".bgcode")
 
 _UF2_MAGIC = b"UF2\n"
@@ -87,12 +89,18 @@ def load_bytes(
         )
     sha = hashlib.sha256(data).hexdigest()
     kind = sniff(data, name)
-    if kind == "hex":
+    if kind == "hex" and prusa_hex.looks_prusa(data):
+        image = prusa_hex.to_image(data, name, sha)
+    elif kind == "hex":
         segments, notes = parse_hex(data, name)
         refuse_avr_extra_sections(segments, name)
         image = FirmwareImage(segments, name, "hex", sha, notes)
         if base_address is not None:
             image.notes.append("An Intel HEX file carries its own addresses; --address ignored.")
+    elif kind == "uf2":
+        image = uf2.to_image(data, name, sha)
+        if base_address is not None:
+            image.notes.append("A UF2 file carries its own addresses; --address ignored.")
     elif kind == "dfu":
         segments, notes = parse_dfuse(data, name)
         image = FirmwareImage(segments, name, "dfu", sha, notes)
@@ -137,7 +145,7 @@ def format_size(n: int) -> str:
 
 
 def sniff(data: bytes, name: str) -> str:
-    """``hex``, ``bin`` or ``dfu``; raises ImageError for files that are not firmware."""
+    """``hex``, ``bin``, ``dfu`` or ``uf2``; raises ImageError for files that are not firmware."""
     ext = os.path.splitext(name)[1].lower()
     if data[:4] == b"\x7fELF":
         raise ImageError(
@@ -147,11 +155,12 @@ def sniff(data: bytes, name: str) -> str:
             "or klipper/out/klipper.bin).",
         )
     if data[:4] == _UF2_MAGIC and len(data) >= 8 and _u32(data, 4) == _UF2_MAGIC2:
+        return "uf2"
+    if ext in UF2_EXTENSIONS:
         raise ImageError(
-            f"{name} is a UF2 file, which this flasher does not support yet.",
-            cause="UF2 is meant for boards that show up as a USB drive (RP2040, SAMD, some STM32).",
-            hint="Put the board in its UF2 bootloader and copy the file to its USB drive, or "
-            "build a .bin/.hex instead.",
+            f"{name} is named like a UF2 file but does not start with a UF2 block.",
+            cause="It is damaged, or another file was renamed to .uf2.",
+            hint="Upload the .uf2 the firmware build produced (Klipper: out/klipper.uf2).",
         )
     if data[:5] == b"DfuSe":
         return "dfu"
@@ -185,8 +194,9 @@ def sniff(data: bytes, name: str) -> str:
         return "bin"
     raise ImageError(
         f"{name}: unknown firmware file type {ext or '(no extension)'}.",
-        cause="Only Intel HEX (.hex), raw binary (.bin) and DfuSe (.dfu) files can be flashed.",
-        hint="Upload the .hex, .bin or .dfu produced by the firmware build.",
+        cause="Only Intel HEX (.hex), raw binary (.bin), DfuSe (.dfu) and UF2 (.uf2) files "
+        "can be flashed.",
+        hint="Upload the .hex, .bin, .dfu or .uf2 produced by the firmware build.",
     )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 #: The advice for a file that is damaged or not what the build produced.
 REBUILD_HINT = "Rebuild or download the firmware again and upload the .hex (or .bin) file."
@@ -44,9 +44,15 @@ class FirmwareImage:
     sha256: str = ""
     notes: list[str] = field(default_factory=list)
     address_given: bool = True
+    #: a second memory's content, written by another path after the flash (a Prusa
+    #: MULTILANG file's language catalogs, at addresses in the printer's external SPI flash)
+    external: list[Segment] = field(default_factory=list)
+    #: what a format-specific loader learned from the file (``{"prusa": {...}}``)
+    extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.segments = merge_segments(self.segments)
+        self.external = merge_segments(self.external)
 
     @property
     def start(self) -> int:
@@ -105,13 +111,27 @@ class FirmwareImage:
         """A copy whose segments are whole ``size``-aligned blocks."""
         segs = [Segment(a, d) for a, d in self.blocks(size, fill, base)]
         return FirmwareImage(
-            segs, self.filename, self.kind, self.sha256, list(self.notes), self.address_given
+            segs,
+            self.filename,
+            self.kind,
+            self.sha256,
+            list(self.notes),
+            self.address_given,
+            list(self.external),
+            dict(self.extra),
         )
 
     def relocated(self, offset: int) -> FirmwareImage:
         segs = [Segment(s.address + offset, s.data) for s in self.segments]
         return FirmwareImage(
-            segs, self.filename, self.kind, self.sha256, list(self.notes), self.address_given
+            segs,
+            self.filename,
+            self.kind,
+            self.sha256,
+            list(self.notes),
+            self.address_given,
+            list(self.external),
+            dict(self.extra),
         )
 
     def placed_at(self, address: int) -> FirmwareImage:
@@ -131,6 +151,8 @@ class FirmwareImage:
             "segments": [{"address": s.address, "size": len(s.data)} for s in self.segments],
             "notes": list(self.notes),
             "address_given": self.address_given,
+            "external": [{"address": s.address, "size": len(s.data)} for s in self.external],
+            "extra": dict(self.extra),
         }
 
 
