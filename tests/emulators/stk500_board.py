@@ -334,7 +334,7 @@ class Stk500Board:
         if garbled:
             self.stats.garbled += 1
             b = (b * 29 + 0x5B) & 0xFF
-        if self.state != "bootloader":
+        if self.state not in self.LISTENING:
             return False
         last = self._rxq[-1][0] if self._rxq else 0.0
         self._rxq.append((max(now, last) + self.char, b))
@@ -378,6 +378,12 @@ class Stk500Board:
         return True
 
     _lost_reply = False
+    #: states in which received bytes reach the running program (subclasses add firmware)
+    LISTENING: tuple[str, ...] = ("bootloader",)
+
+    def _other_command(self, body: bytes) -> bytes:
+        """The stk500v2 bootloader's answer to a command it does not know."""
+        return bytes([body[0], 0xC0])
 
     def _put(self, data: bytes) -> Op:
         if self._lost_reply:
@@ -607,7 +613,7 @@ class Stk500Board:
                 elif cmd == 0x18:
                     reply = bytes([cmd, 0, 0xD8, 0])
                 else:
-                    reply = bytes([cmd, 0xC0])
+                    reply = self._other_command(bytes(body))
                 head = bytes([0x1B, seq, len(reply) >> 8, len(reply) & 0xFF, 0x0E]) + reply
                 c = 0
                 for x in head:
