@@ -144,7 +144,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int,
         help="load address for a .bin (default: the board's application start)",
     )
-    p.add_argument("--quick", action="store_true", help="skip blocks that are already equal")
+    speed = p.add_mutually_exclusive_group()
+    speed.add_argument(
+        "--quick",
+        action="store_const",
+        const=True,
+        default=None,
+        help="skip blocks that are already equal (the default for dfu)",
+    )
+    speed.add_argument(
+        "--full",
+        dest="quick",
+        action="store_const",
+        const=False,
+        help="erase and write every touched block even if it already holds the image",
+    )
     p.add_argument(
         "--allow-bootloader-erase",
         action="store_true",
@@ -190,7 +204,7 @@ def target_from_args(args: argparse.Namespace) -> Target:
         can_channel=args.can_channel,
         can_bitrate=args.can_bitrate,
         uuid=args.uuid,
-        quick=getattr(args, "quick", False),
+        quick=getattr(args, "quick", None),
         allow_bootloader_erase=getattr(args, "allow_bootloader_erase", False),
     )
     if os.environ.get(ENV_USB_BACKEND):

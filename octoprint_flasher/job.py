@@ -332,7 +332,9 @@ class FlashJob:
                 self._cancel.check()
 
             ctx.writing = True
-            result = ctx.flasher.flash(image, self._on_progress, self._cancel, quick=target.quick)
+            result = ctx.flasher.flash(
+                image, self._on_progress, self._cancel, quick=bool(target.quick)
+            )
             ctx.flash_result = result
             ctx.writing = False
             self._emit_log(

@@ -31,7 +31,9 @@ class Target:
     uuid: Optional[str] = None
     can_bus_factory: Optional[Callable[[], Any]] = None  # returns a python-can BusABC
     # behaviour
-    quick: bool = False  # skip blocks that are already identical
+    # skip blocks that are already identical; None is the method's default (on for DFU, where
+    # reading costs a fraction of erasing; off elsewhere), False forces a full write
+    quick: Optional[bool] = None
     allow_bootloader_erase: bool = False  # explicit confirmation for dangerous writes
     options: dict[str, Any] = field(default_factory=dict)
 

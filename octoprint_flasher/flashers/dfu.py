@@ -173,7 +173,7 @@ class DfuFlasher(Flasher):
                 return ProtocolError(
                     f"{exc.what} failed: {dfuse.status_text(code)}.",
                     cause="The flash there was not erased, or the chip failed to program it.",
-                    hint="The board stays in DFU mode: flash again (a full, not quick, flash). "
+                    hint="The board stays in DFU mode: flash again with quick off (--full). "
                     "If it repeats, power-cycle it with BOOT0 held high.",
                 )
             return exc
@@ -568,7 +568,7 @@ class DfuFlasher(Flasher):
                     + (f"0x{got:02X}." if got is not None else "nothing."),
                     cause="The flash was not erased before writing, or the chip failed to "
                     "program it.",
-                    hint="The board stays in DFU mode: flash again without quick mode. If it "
+                    hint="The board stays in DFU mode: flash again with quick off (--full). If it "
                     "repeats, power-cycle the board with BOOT0 held high and try once more.",
                 )
         return total

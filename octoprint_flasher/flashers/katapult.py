@@ -504,7 +504,7 @@ class KatapultFlasher(Flasher):
     ) -> FlashResult:
         target = self.identify()
         assert self.client is not None
-        quick = quick or self.target.quick
+        quick = quick or bool(self.target.quick)
         started = time.monotonic()
         img = self.placed(image)
         bs = self.client.block_size

@@ -164,7 +164,7 @@ def target_from_json(
         can_channel=str(data.get("can_channel") or kat.get("can_channel") or "can0"),
         can_bitrate=_positive_int(data.get("can_bitrate") or kat.get("can_bitrate"), "bitrate"),
         uuid=uuid,
-        quick=bool(data.get("quick", False)),
+        quick=None if data.get("quick") is None else bool(data.get("quick")),
         allow_bootloader_erase=bool(data.get("allow_bootloader_erase", False)),
     )
     if method != "auto" and method != "dfu" and method != "katapult" and not port:

@@ -93,3 +93,33 @@ def test_reading_an_erased_application_area_writes_no_file(
     assert code != 0
     assert "nothing to back up" in err
     assert not backup.exists()
+
+
+def test_a_repeated_flash_is_quick_by_default_and_full_on_request(
+    board: DfuBackend, tmp_path: Path
+) -> None:
+    data = klipper_like(0x08008000, 40 * 1024)
+    firmware = tmp_path / "klipper.bin"
+    firmware.write_bytes(data)
+    dev = board.devices[0]
+    dev.load_flash(0x08008000, klipper_like(0x08008000, 40 * 1024, seed=4))  # an older build
+    base = ["flash", str(firmware), "--method", "dfu", "--usb", "0483:df11"]
+    assert run(*base)[0] == 0
+    assert dev.erased == [0x08008000, 0x0800C000, 0x08010000]
+    dev._reset_dfu()
+    dev.mode = "dfu"  # BOOT0 again
+    code, out, err = run(*base)
+    assert code == 0, err
+    assert dev.erased == [0x08008000, 0x0800C000, 0x08010000]  # nothing erased again
+    assert "3 blocks unchanged" in out
+    dev._reset_dfu()
+    dev.mode = "dfu"
+    code, _, err = run(*base, "--full")
+    assert code == 0, err
+    assert dev.erased[3:] == [0x08008000, 0x0800C000, 0x08010000]
+    assert dev.read_flash(0x08008000, len(data)) == data
+
+
+def test_quick_and_full_cannot_both_be_given(board: DfuBackend, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["flash", "x.bin", "--quick", "--full"])

@@ -39,7 +39,7 @@ class TestFlashing:
     def test_octopus_f446_klipper_bin_lands_behind_the_bootloader(self, f446: Board) -> None:
         bootloader = f446.dev.read_flash(0x08000000, 32 * K)
         data = klipper_like(0x08008000, 40 * K)
-        flasher = f446.flasher()
+        flasher = f446.flasher(quick=False)
         result = flasher.flash(bin_image(data), f446.progress.append)
         assert f446.dev.read_flash(0x08008000, len(data)) == data
         assert f446.dev.read_flash(0x08000000, 32 * K) == bootloader
@@ -53,7 +53,7 @@ class TestFlashing:
 
     def test_h723_erases_one_128k_sector(self, h723: Board) -> None:
         data = klipper_like(0x08020000, 40 * K)
-        flasher = h723.flasher()
+        flasher = h723.flasher(quick=False)
         info = flasher.identify()
         assert (info.chip, info.app_start, info.page_size) == ("STM32H723", 0x08020000, 128 * K)
         assert info.details["transfer_size"] == 1024
@@ -64,7 +64,7 @@ class TestFlashing:
     def test_g0b1_erases_2k_pages(self) -> None:
         board = make_board("STM32G0B1", bootloader=8 * K)
         data = klipper_like(0x08002000, 10 * K + 100)
-        board.flasher().flash(bin_image(data))
+        board.flasher(quick=False).flash(bin_image(data))
         assert erase_commands(board) == [0x08002000 + i * 2 * K for i in range(6)]
         assert board.dev.read_flash(0x08002000, len(data)) == data
 
@@ -78,7 +78,7 @@ class TestFlashing:
         a = klipper_like(0x08008000, 3000)
         b = bytes(range(256)) * 4
         image = FirmwareImage([Segment(0x08008000, a), Segment(0x08010000, b)], "x.hex", "hex")
-        f446.flasher().flash(image)
+        f446.flasher(quick=False).flash(image)
         assert f446.dev.read_flash(0x08008000, len(a)) == a
         assert f446.dev.read_flash(0x08010000, len(b)) == b
         assert erase_commands(f446) == [0x08008000, 0x08010000]
@@ -101,7 +101,8 @@ class TestFlashing:
         assert h723.dev.read_flash(0x08020000 + len(data), 27) == b"\xff" * 27
 
     def test_progress_reports_each_stage_up_to_its_total(self, f446: Board) -> None:
-        f446.flasher().flash(bin_image(klipper_like(0x08008000, 20 * K)), f446.progress.append)
+        image = bin_image(klipper_like(0x08008000, 20 * K))
+        f446.flasher(quick=False).flash(image, f446.progress.append)
         for stage in (STAGE_ERASING, STAGE_WRITING, STAGE_VERIFYING):
             seen = [p for p in f446.progress if p.stage == stage]
             assert seen and seen[-1].done == seen[-1].total
@@ -142,6 +143,56 @@ class TestQuick:
         assert f446.dev.erased == [0x0800C000]
         assert result.bytes_written == 16 * K
         assert f446.dev.read_flash(0x08008000, len(data)) == bytes(changed)
+
+    def test_quick_is_the_default_for_dfu(self, f446: Board) -> None:
+        data = klipper_like(0x08008000, 40 * K)
+        f446.flasher().flash(bin_image(data))
+        erased = len(f446.dev.erased)
+        result = f446.flasher().flash(bin_image(data))  # no quick asked for, none refused
+        assert len(f446.dev.erased) == erased
+        assert (result.bytes_written, result.blocks_skipped) == (0, 3)
+        assert any("3 already hold the image" in line for line in f446.log)
+
+    def test_quick_false_forces_a_full_write(self, f446: Board) -> None:
+        data = klipper_like(0x08008000, 40 * K)
+        f446.flasher().flash(bin_image(data))
+        f446.dev.erased.clear()
+        f446.log.clear()
+        result = f446.flasher(quick=False).flash(bin_image(data))
+        assert f446.dev.erased == [0x08008000, 0x0800C000, 0x08010000]
+        assert (result.bytes_written, result.bytes_verified) == (40 * K, 40 * K)
+        assert not any("dfu: quick:" in line for line in f446.log)
+
+    def test_blank_flash_is_written_without_erasing(self, f446: Board) -> None:
+        data = klipper_like(0x08008000, 40 * K)  # the app area behind the bootloader is blank
+        result = f446.flasher().flash(bin_image(data))
+        assert f446.dev.erased == []
+        assert f446.dev.read_flash(0x08008000, len(data)) == data
+        assert result.bytes_written == result.bytes_verified == 40 * K
+        assert result.blocks_skipped == 0
+
+    def test_only_the_words_that_differ_are_written_into_blank_flash(self, f446: Board) -> None:
+        data = klipper_like(0x08008000, 40 * K)
+        f446.flasher().flash(bin_image(data))
+        longer = data + klipper_like(0x08008000, 1000, seed=5)  # appends into blank flash
+        f446.dev.erased.clear()
+        result = f446.flasher().flash(bin_image(longer))
+        assert f446.dev.erased == []
+        assert result.bytes_written == result.bytes_verified == 1024  # 1000 padded to 32
+        assert f446.dev.read_flash(0x08008000, len(longer)) == longer
+
+    def test_a_new_build_reads_little_before_erasing(self, f446: Board) -> None:
+        f446.flasher().flash(bin_image(klipper_like(0x08008000, 40 * K)))
+        f446.dev.requests.clear()
+        f446.flasher().flash(bin_image(klipper_like(0x08008000, 40 * K, seed=2)))
+        read_before_erase = []
+        for r in f446.dev.requests:
+            if r[1] == 1 and r[2] == 0 and r[3] == 5 and f446.dev.erased:
+                break
+            if r[0] == 0xA1 and r[1] == 2 and r[2] >= 2:
+                read_before_erase.append(r[3])
+        # one 2 KiB piece per sector: the first flash word already differs and is programmed
+        assert sum(read_before_erase) <= 3 * 2 * K
 
     def test_leftovers_in_a_sector_count_as_different(self, f446: Board) -> None:
         data = klipper_like(0x08008000, 8 * K)
@@ -238,7 +289,7 @@ class TestFaults:
     def test_h7_stuck_busy_erase_is_cleared_and_verified(self, h723: Board) -> None:
         h723.dev.faults.stuck_busy_on_erase = True
         data = klipper_like(0x08020000, 4 * K)
-        h723.flasher().flash(bin_image(data))
+        h723.flasher(quick=False).flash(bin_image(data))
         assert len(h723.requests(4)) == 2
         assert h723.dev.read_flash(0x08020000, len(data)) == data
         assert any("H7 quirk" in line for line in h723.log)

@@ -122,7 +122,7 @@ def test_flasher_on_an_h7_recovers_each_erase_and_verifies(h723: Board) -> None:
     old = klipper_like(0x08020000, 200 * K, seed=9)  # an older build over two sectors
     h723.dev.load_flash(0x08020000, old)
     data = klipper_like(0x08020000, 140 * K)
-    result = h723.flasher().flash(bin_image(data), quick=False)
+    result = h723.flasher(quick=False).flash(bin_image(data))
     assert h723.dev.read_flash(0x08020000, len(data)) == data
     assert h723.dev.read_flash(0x08020000 + len(data), 256 * K - len(data)) == b"\xff" * (
         256 * K - len(data)
@@ -137,7 +137,7 @@ def test_flasher_erases_a_non_blank_sector_again(h723: Board) -> None:
     h723.dev.faults.erase_incomplete = 1
     h723.dev.load_flash(0x08020000, klipper_like(0x08020000, 40 * K, seed=9))
     data = klipper_like(0x08020000, 40 * K)
-    h723.flasher().flash(bin_image(data), quick=False)
+    h723.flasher(quick=False).flash(bin_image(data))
     assert h723.dev.read_flash(0x08020000, len(data)) == data
     erases = [struct.unpack_from("<I", c, 1)[0] for c in h723.dev.commands if c[0] == ERASE]
     assert erases == [0x08020000, 0x08020000]
