@@ -50,7 +50,7 @@ BAD_FILES: dict[str, tuple[list[str], dict[str, int]]] = {
     "gcode_renamed.bin": (["G-code, not firmware"], {}),
     "firmware.elf": (["ELF", "not a flashable image"], {}),
     "elf_renamed.hex": (["ELF"], {}),
-    "firmware.uf2": (["UF2", "not support"], {}),
+    "firmware.uf2": (["UF2 for Microchip SAMD21", "not for an RP2040/RP2350"], {}),
     "notes.txt": (["unknown firmware file type .txt"], {}),
     "firmware": (["unknown firmware file type", "no extension"], {}),
     "firmware.zip": (["unknown firmware file type .zip"], {}),
@@ -70,7 +70,7 @@ BAD_FILES: dict[str, tuple[list[str], dict[str, int]]] = {
 
 HINTS = {
     "firmware.elf": "upload the .hex or .bin",
-    "firmware.uf2": "copy the file to its USB drive",
+    "firmware.uf2": "double-tap the board's reset button",
     "conflicting_overlap.hex": "application image alone",
     "option_bytes_alt1.dfu": "alt 0",
     "avr_with_eeprom.hex": "-R .eeprom",

@@ -161,10 +161,9 @@ def write_bad() -> None:
     put("gcode_renamed.bin", b"N1 G28*18\nN2 M105*37\nG1 X1\nG1 Y2\n")
     put("firmware.elf", b"\x7fELF\x01\x01\x01" + bytes(9) + payload(200, 12))
     put("elf_renamed.hex", b"\x7fELF\x01\x01\x01" + bytes(9) + payload(200, 13))
-    uf2 = struct.pack("<8I", 0x0A324655, 0x9E5D5157, 0, 0x10000000, 256, 0, 1, 0xE48BFF56) + bytes(
-        476
-    )
-    put("firmware.uf2", uf2 + struct.pack("<I", 0x0AB16F30))
+    # a UF2 for a SAMD21 board (family id present): RP2040/RP2350 UF2s load, others are refused
+    uf2 = struct.pack("<8I", 0x0A324655, 0x9E5D5157, 0x2000, 0x2000, 256, 0, 1, 0x68ED2B88)
+    put("firmware.uf2", uf2 + bytes(476) + struct.pack("<I", 0x0AB16F30))
     put("notes.txt", b"This is a readme, not firmware.\n")
     put("firmware", payload(512, 14))
     put("firmware.zip", b"PK\x03\x04" + payload(100, 15))
