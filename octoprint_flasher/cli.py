@@ -28,6 +28,7 @@ from .errors import (
     UnsupportedError,
 )
 from .flasher import Flasher, LogCallback, Progress
+from .flashers.marlin_sd import FAMILIES as SD_FAMILIES
 from .image import load as loaders
 from .job import FlashJob, JobEvent, JobResult, NoHost
 from .store import Store, write_image_file
@@ -171,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="read the current firmware into FILE (.hex or .bin) first",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per event on stdout")
+    sd = p.add_argument_group("marlin-sd (32-bit boards that update from their SD card)")
+    sd.add_argument("--sd-filename", help="name on the card (default: the bootloader's rule)")
+    sd.add_argument("--sd-family", choices=SD_FAMILIES, help="bootloader family (default: guessed)")
+    sd.add_argument("--sd-mount", type=Path, help="the board's card mounted here: copy, no upload")
+    sd.add_argument("--compress", action="store_true", help="heatshrink (needs heatshrink2)")
+
+    p = sub.add_parser("rescue-bft", help="get a Marlin printer out of binary transfer mode")
+    p.add_argument("--port", required=True, help="the printer's serial port")
+    p.add_argument("--baud", type=int, default=115200)
 
     p = sub.add_parser("read", help="read the application flash back into a file")
     _add_target_args(p)
@@ -207,11 +217,23 @@ def target_from_args(args: argparse.Namespace) -> Target:
         quick=getattr(args, "quick", None),
         allow_bootloader_erase=getattr(args, "allow_bootloader_erase", False),
     )
+    for key in ("sd_filename", "sd_family", "sd_mount"):
+        if getattr(args, key, None):
+            target.options[key] = str(getattr(args, key))
+    if getattr(args, "compress", False):
+        target.options["compress"] = True
+    target.options["state_dir"] = str(_data_dir(args))  # e.g. Creality's last file names
+    target.options["prompt"] = _terminal_prompt
     if os.environ.get(ENV_USB_BACKEND):
         target.usb_backend = _import_hook(os.environ[ENV_USB_BACKEND])()
     if os.environ.get(ENV_CAN_BUS_FACTORY):
         target.can_bus_factory = _import_hook(os.environ[ENV_CAN_BUS_FACTORY])
     return target
+
+
+def _terminal_prompt(message: str) -> None:
+    """The moment the user must act (press the reset button): ring the bell and say so."""
+    print(f"\a>>> {message}", file=sys.stderr, flush=True)
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -545,12 +567,21 @@ def cmd_history(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def cmd_rescue_bft(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from .flashers.marlin_sd import rescue
+
+    log = (lambda line: print(line, file=err)) if args.verbose else None
+    print(rescue(args.port, args.baud, log), file=out)
+    return EXIT_OK
+
+
 COMMANDS = {
     "info": cmd_info,
     "detect": cmd_detect,
     "flash": cmd_flash,
     "read": cmd_read,
     "history": cmd_history,
+    "rescue-bft": cmd_rescue_bft,
 }
 
 

@@ -20,6 +20,7 @@ FLASHER_MODULES: dict[str, str] = {
     "stk500v2": ".flashers.stk500v2",
     "dfu": ".flashers.dfu",
     "katapult": ".flashers.katapult",
+    "marlin-sd": ".flashers.marlin_sd",
     "auto": ".flashers.auto",
 }
 
