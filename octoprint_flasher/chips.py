@@ -417,7 +417,7 @@ class UsbId:
     description: str
     method: Optional[str]
     hint: str = ""
-    kind: str = "serial"  # serial | usb-dfu | can-bridge | other
+    kind: str = "serial"  # serial | usb-dfu | usb-picoboot | can-bridge | other
     tags: tuple[str, ...] = field(default=())
 
 
@@ -559,10 +559,19 @@ USB_IDS: tuple[UsbId, ...] = (
     UsbId(
         0x2E8A,
         0x0003,
-        "RP2040 boot ROM (BOOTSEL mass storage)",
-        None,
-        "Copy the .uf2 file to the RPI-RP2 drive; UF2 is not flashed by this plugin.",
-        kind="other",
+        "RP2040 boot ROM (BOOTSEL)",
+        "picoboot",
+        "Waiting in BOOTSEL: flashed over PICOBOOT (.uf2, or a no-bootloader .bin) with a "
+        "read-back verify.",
+        kind="usb-picoboot",
+    ),
+    UsbId(
+        0x2E8A,
+        0x000F,
+        "RP2350 boot ROM (BOOTSEL)",
+        "picoboot",
+        "Waiting in BOOTSEL: flashed over PICOBOOT (.uf2) with a read-back verify.",
+        kind="usb-picoboot",
     ),
 )
 

@@ -206,6 +206,7 @@ def discover(
 
     providers: list[tuple[str, str, dict[str, Any]]] = [
         ("dfu", "USB DFU", {"usb_backend": usb_backend}),
+        ("picoboot", "RP2040 USB", {"usb_backend": usb_backend}),
     ]
     if can:
         providers.append(

@@ -21,6 +21,7 @@ FLASHER_MODULES: dict[str, str] = {
     "dfu": ".flashers.dfu",
     "katapult": ".flashers.katapult",
     "marlin-sd": ".flashers.marlin_sd",
+    "picoboot": ".flashers.picoboot",
     "auto": ".flashers.auto",
 }
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-METHODS = ("auto", "stk500v1", "stk500v2", "dfu", "katapult", "marlin-sd")
+METHODS = ("auto", "stk500v1", "stk500v2", "dfu", "katapult", "marlin-sd", "picoboot")
 
 
 @dataclass

@@ -20,6 +20,7 @@ from ..target import Target
 
 AVR_AUTO_MODULE = "octoprint_flasher.flashers.avr_auto"
 KATAPULT_USB_IDS = {(0x1D50, 0x6177), (0x1D50, 0x614E)}
+RP2040_ROM_IDS = ("2e8a:0003", "2e8a:000f")
 
 
 def _pyserial_ports() -> list[Any]:
@@ -50,6 +51,8 @@ def port_usb_id(port: str) -> Optional[tuple[int, int]]:
 
 def choose_method(target: Target) -> tuple[str, str]:
     """``(method, reason)`` for a target; UnsupportedError when nothing can flash it."""
+    if target.usb and target.usb.lower() in RP2040_ROM_IDS:
+        return "picoboot", f"{target.usb} is an RP2040/RP2350 boot ROM"
     if target.usb or target.usb_path:
         return "dfu", "a USB DFU device was given"
     if target.uuid:

@@ -708,6 +708,16 @@ class PicobootBackend(usb.backend.IBackend):
     def __init__(self, devices: Optional[list[EmulatedRp2040]] = None) -> None:
         self.devices = list(devices or [])
 
+    def list_serial_ports(self) -> list[UsbPort]:
+        """The serial side of the same boards (the flasher uses it when given this backend)."""
+        return [p for d in self.devices for p in d.list_ports()]
+
+    def open_serial(self, port: str, baudrate: int = 9600, **kwargs: Any) -> FakeSerial:
+        for d in self.devices:
+            if d.tty == port:
+                return d.open_serial(port, baudrate, **kwargs)
+        raise OSError(errno.ENOENT, f"could not open port {port}: No such file or directory")
+
     def enumerate_devices(self) -> Iterator[EmulatedRp2040]:
         return iter([d for d in self.devices if d.present])
 
