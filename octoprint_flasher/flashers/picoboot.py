@@ -53,6 +53,9 @@ ROM_IDS = {(pb.VENDOR_ID, pb.PID_RP2040): "RP2040", (pb.VENDOR_ID, pb.PID_RP2350
 SECTOR = pb.FLASH_SECTOR
 PAGE = pb.FLASH_PAGE
 READ_CHUNK = 16 * 1024
+#: the ROM acknowledges REBOOT at once and resets after this delay (Klipper waits 500 ms,
+#: pypicoboot 100 ms; the ACK has already reached us, so the shorter one is enough)
+REBOOT_DELAY_MS = 100
 ERASE_TIMEOUT_MS = 2000  # W25Q16JV sector erase: 45 ms typical, 400 ms maximum
 
 UDEV_RULE = 'SUBSYSTEM=="usb", ATTRS{idVendor}=="2e8a", MODE="0660", GROUP="plugdev"'
@@ -575,9 +578,9 @@ class PicobootFlasher(Flasher):
         self._left = True
         try:
             if chip.name == "RP2350":
-                session.reboot2_normal(delay_ms=500)
+                session.reboot2_normal(delay_ms=REBOOT_DELAY_MS)
             else:
-                session.reboot(0, chip.sram[1], delay_ms=500)
+                session.reboot(0, chip.sram[1], delay_ms=REBOOT_DELAY_MS)
         except Exception as exc:
             raise self._explain(exc, "rebooting into the firmware") from exc
         self.log("picoboot: reboot requested")
