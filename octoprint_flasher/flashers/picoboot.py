@@ -468,7 +468,8 @@ class PicobootFlasher(Flasher):
                 session.write(chunk[0], chunk[1])
                 written += len(chunk[1])
                 progress(Progress(STAGE_WRITING, written, wtotal))
-            verified = self._verify(sectors, progress, cancel)
+            # sectors quick mode skipped were just read back and compared: not read twice
+            verified = self._verify(todo, progress, cancel) + (len(sectors) - len(todo)) * SECTOR
         except FlashError:
             raise
         except Exception as exc:
