@@ -22,6 +22,8 @@ FLASHER_MODULES: dict[str, str] = {
     "katapult": ".flashers.katapult",
     "marlin-sd": ".flashers.marlin_sd",
     "picoboot": ".flashers.picoboot",
+    "prusa": ".flashers.prusa",
+    "avr109": ".flashers.avr109",
     "auto": ".flashers.auto",
 }
 

@@ -10,7 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-METHODS = ("auto", "stk500v1", "stk500v2", "dfu", "katapult", "marlin-sd", "picoboot")
+METHODS = (
+    "auto",
+    "stk500v1",
+    "stk500v2",
+    "dfu",
+    "katapult",
+    "marlin-sd",
+    "picoboot",
+    "prusa",
+    "avr109",
+)
 
 
 @dataclass

@@ -125,6 +125,8 @@ class Avr109Flasher(Flasher):
         self.kind: Optional[str] = device_kind(_usb_id(target.usb))
         self.app_id: Optional[tuple[int, int]] = None
         self.recoveries = 0
+        #: the bootloader's answer to S, once known (resynchronisation looks for it)
+        self.identifier = ""
 
     # --- entering ------------------------------------------------------------------------------
 
@@ -218,6 +220,7 @@ class Avr109Flasher(Flasher):
             return self.info
         proto = self._open(self._enter())
         ident = self._resync(proto)
+        self.identifier = ident
         if ident != "CATERIN":
             self.log(f"avr109: the bootloader calls itself {ident!r}, not Caterina")
         sig = proto.signature()
@@ -264,10 +267,23 @@ class Avr109Flasher(Flasher):
 
     def _resync(self, proto: Avr109) -> str:
         """``S`` until it answers: a touch-time prober or a half-sent command may be ahead
-        of us. ESC bytes finish any pending block command harmlessly (never answered)."""
+        of us. ESC bytes finish any pending block command harmlessly (never answered); after
+        a failure the identifier is looked for in the stream, since answers to the garbage
+        a lost byte turned into commands may still be queued ahead of it."""
+        expected = self.identifier
         for attempt in range(3):
             try:
-                return proto.identifier()
+                if not expected:
+                    return proto.identifier()
+                proto.wire.write(b"S")
+                got = bytearray()
+                deadline = time.monotonic() + proto.timeout
+                while expected.encode() not in got and time.monotonic() < deadline:
+                    got += proto.wire.read(1, deadline - time.monotonic())
+                if expected.encode() in got:
+                    proto.wire.drain(0.02)
+                    return expected
+                raise Avr109Error(f"No '{expected}' in the answer to S: {bytes(got[-16:])!r}.")
             except Avr109Error:
                 if attempt == 2:
                     raise
@@ -293,6 +309,8 @@ class Avr109Flasher(Flasher):
                     raise
                 self.log(f"avr109: {exc.message} — resynchronising")
                 assert self.proto is not None
+                self.proto.wire.write(b"\x1b" * (4 + PAGE + 8))
+                self.proto.wire.drain(0.1)
                 self._resync(self.proto)
 
     def _write(
@@ -310,16 +328,12 @@ class Avr109Flasher(Flasher):
             def one(a: int = addr, d: bytes = data) -> None:
                 nonlocal address
                 if address != a:
-                    address = None
                     proto.set_address(a)
+                address = None  # unknown until the block is answered
                 proto.write_block(d)
                 address = a + len(d)
 
-            try:
-                one()
-            except Avr109Error:
-                address = None
-                self._with_resync(one)
+            self._with_resync(one)
             progress(Progress(STAGE_WRITING, (i + 1) * PAGE, total))
 
     def _read(

@@ -80,6 +80,14 @@ class LanguagePassError(FlashError):
         self.firmware = firmware
 
 
+def _clean_address(address: int, page: int) -> int:
+    """The nearest page at or below ``address`` whose LOAD_ADDRESS frame holds no 0x3B."""
+    back = address - address % page
+    while back and SEMICOLON in load_address_body(back):
+        back -= page
+    return back
+
+
 def on_gpio_uart(port: Optional[str]) -> bool:
     return bool(port and _GPIO_PORT.match(port))
 
@@ -195,6 +203,10 @@ class PrusaFlasher(Stk500v2Flasher):
     def _details(self) -> dict[str, Any]:
         return {**super()._details(), "prusa_bootloader": self.prusa_bootloader}
 
+    def _table_boot_start(self, chip: Any) -> tuple[int, str]:
+        # Prusa's (and the Mega's) stk500v2 bootloader: 8 KB at 0x3E000
+        return prusa_hex.EINSY_BOOT_START, "Prusa Einsy/miniRAMBo bootloader, 8 KB"
+
     # --- pass 1: pages without a single 0x3B -------------------------------------------------
 
     def _needs_rounds(self, data: bytes) -> bool:
@@ -276,19 +288,24 @@ class PrusaFlasher(Stk500v2Flasher):
             self.proto.load_address(addr)
             self._address = addr
             return
-        assert self.chip is not None
-        size = self.chip.page_size
-        self.proto.load_address(addr - size)
-        self._address = addr - size
-        self._program(addr - size, b"\xff" * size)
+        size = self._page_size()
+        back = _clean_address(addr, size)
+        self.proto.load_address(back)
+        self._address = back
+        while back < addr:
+            self._program(back, b"\xff" * size)
+            back += size
 
     def _read_span(self, address: int, length: int) -> bytes:
         if self._address != address and SEMICOLON in load_address_body(address):
-            # reach the address by reading the page before it
-            assert self.chip is not None
-            before = address - self.chip.page_size
-            super()._read_span(before, self.chip.page_size)
+            # reach the address by reading from the nearest page before it that can be loaded
+            back = _clean_address(address, self._page_size())
+            super()._read_span(back, address - back)
         return super()._read_span(address, length)
+
+    def _page_size(self) -> int:
+        assert self.chip is not None
+        return self.chip.page_size
 
     # --- the whole job -------------------------------------------------------------------------
 
@@ -357,7 +374,7 @@ class PrusaFlasher(Stk500v2Flasher):
         setattr(result, "languages_written", written)  # noqa: B010
         return result
 
-    def leave(self) -> Optional[str]:  # type: ignore[override]
+    def leave(self) -> Optional[str]:
         if self.in_bootloader:
             self._leave()
             self.in_bootloader = False

@@ -75,8 +75,9 @@ class Xflash:
                 continue
             seen += b
             if b == b"\n":
-                line = seen[seen.rfind(b"\n", 0, len(seen) - 1) + 1 :].strip()
-                if line == START:
+                line = seen[seen.rfind(b"\n", 0, len(seen) - 1) + 1 :]
+                # a reboot may be preceded by the handler's 0x11 or other stray bytes
+                if bytes(c for c in line if 32 <= c < 127).strip() == START:
                     return bytes(seen)
 
     def enter(self, timeout: float = 1.0, quiet: float = 0.25) -> bool:
