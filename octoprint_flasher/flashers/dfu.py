@@ -486,8 +486,9 @@ class DfuFlasher(Flasher):
         """Read the touched sectors and decide, per sector, against what a full flash would
         leave there (the image's bytes, 0xFF elsewhere): identical (nothing to do), different
         only where the flash is still blank (write just those flash words, no erase), or
-        different (erase and rewrite the sector). Reading stops at the first difference that
-        needs an erase, so a new build costs one short read per sector.
+        different (erase and rewrite the sector). A sector is read as its first 2 KiB, then
+        the rest only if no erase is needed yet, so a new build costs one short read per
+        sector.
 
         Returns (sectors to erase, runs to write without erasing, identical sector count).
         """
@@ -518,7 +519,7 @@ class DfuFlasher(Flasher):
                         break
                     differs.append(w)
                 pos += n
-                piece = min(piece * 8, size)
+                piece = size  # the first piece showed no erase is needed: read the rest
                 progress(Progress(STAGE_READING, done + pos, total))
             done += size
             if needs_erase:
