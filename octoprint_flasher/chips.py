@@ -495,8 +495,16 @@ USB_IDS: tuple[UsbId, ...] = (
         0x2341,
         0x8036,
         "Arduino Leonardo (ATmega32U4, Caterina)",
-        None,
-        "The Caterina bootloader speaks AVR109, which this plugin does not support.",
+        "avr109",
+        "Caterina (avr109) bootloader on the reset button. An MMU2S/MMU3 board re-flashed with "
+        "Arduino's bootloader shows up as this: press its reset button when asked.",
+    ),
+    UsbId(
+        0x2341,
+        0x0036,
+        "Arduino Leonardo bootloader (Caterina)",
+        "avr109",
+        "The Caterina bootloader is waiting (about 8 s): flash now with the avr109 method.",
     ),
     UsbId(
         0x2341,
@@ -537,24 +545,160 @@ USB_IDS: tuple[UsbId, ...] = (
     UsbId(
         0x2C99,
         0x0002,
-        "Prusa i3 MK3 (Einsy Rambo, ATmega2560)",
-        "stk500v2",
-        "stk500v2 bootloader at 115200 baud; use the MK3 firmware .hex.",
+        "Prusa i3 MK3/MK3S/MK3S+ (Einsy RAMBo, ATmega2560)",
+        "prusa",
+        "Prusa's stk500v2 bootloader at 115200 baud; the MULTILANG .hex writes the firmware and "
+        "then the languages through the firmware (both verified).",
     ),
     UsbId(
         0x2C99,
         0x0001,
-        "Prusa i3 MK2 (Rambo mini, ATmega2560)",
-        "stk500v2",
-        "stk500v2 bootloader at 115200 baud.",
+        "Prusa i3 MK2/MK2S/MK2.5/MK2.5S (miniRAMBo, ATmega2560)",
+        "prusa",
+        "Prusa's stk500v2 bootloader at 115200 baud; use the printer's .hex from prusa3d.com.",
+    ),
+    UsbId(
+        0x2C99,
+        0x0004,
+        "Prusa MMU2S/MMU3 (ATmega32U4)",
+        "avr109",
+        "Flashed through its Caterina bootloader (avr109): the 1200-baud touch reboots it into "
+        "the bootloader, which re-enumerates as 2c99:0003. Use the MMU2S_MMU3_FW….hex, not the "
+        "…BOOTLOADER… one.",
+    ),
+    UsbId(
+        0x2C99,
+        0x0003,
+        "Prusa MMU2S/MMU3 bootloader (Caterina)",
+        "avr109",
+        "The MMU's bootloader is waiting (it leaves after 8 s without a command): flash now "
+        "with the avr109 method.",
+    ),
+    UsbId(
+        0x2C99,
+        0x0008,
+        "Prusa CW1 (ATmega32U4)",
+        "avr109",
+        "Flashed through its avr109 bootloader after a 1200-baud touch (re-enumerates as "
+        "2c99:0007).",
+    ),
+    UsbId(
+        0x2C99,
+        0x0007,
+        "Prusa CW1 bootloader",
+        "avr109",
+        "The CW1's bootloader is waiting: flash now with the avr109 method.",
+    ),
+    UsbId(
+        0x2C99,
+        0x000F,
+        "Prusa CW1S (ATmega32U4)",
+        "avr109",
+        "Flashed through its avr109 bootloader after a 1200-baud touch (re-enumerates as "
+        "2c99:000e).",
+    ),
+    UsbId(
+        0x2C99,
+        0x000E,
+        "Prusa CW1S bootloader",
+        "avr109",
+        "The CW1S's bootloader is waiting: flash now with the avr109 method.",
+    ),
+    UsbId(
+        0x2C99,
+        0x000C,
+        "Prusa MINI/MINI+ (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x000D,
+        "Prusa MK4 (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x001A,
+        "Prusa MK4S (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x0015,
+        "Prusa MK3.9 (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x001B,
+        "Prusa MK3.9S (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x0017,
+        "Prusa MK3.5 (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x001C,
+        "Prusa MK3.5S (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x0010,
+        "Prusa iX (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x0011,
+        "Prusa XL (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
+    ),
+    UsbId(
+        0x2C99,
+        0x001F,
+        "Prusa CORE One (Buddy)",
+        None,
+        "Not supported here: use the USB stick or PrusaLink (Buddy-board printers take .bbf "
+        "firmware files).",
     ),
     UsbId(
         0x2C99,
         None,
         "Prusa printer",
         None,
-        "Prusa MK4/XL/MINI (Buddy board) firmware is updated from the printer's USB drive, "
-        "not over this port.",
+        "Not supported here: use the USB stick or PrusaLink (Prusa MK4/XL/MINI and other "
+        "Buddy-board printers take .bbf firmware files).",
+    ),
+    UsbId(
+        0x27B1,
+        0x0001,
+        "UltiMachine RAMBo/Einsy (ATmega2560)",
+        "stk500v2",
+        "stk500v2 bootloader at 115200 baud. If this is a Prusa MK3 Einsy, choose the prusa "
+        "method so the languages are written too.",
     ),
     UsbId(
         0x2E8A,

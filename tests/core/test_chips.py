@@ -88,7 +88,10 @@ def test_stm32_sectors_and_application_addresses() -> None:
         (0x0403, 0x6001, "auto"),
         (0x0403, 0x6015, "auto"),
         (0x10C4, 0xEA60, "auto"),
-        (0x2C99, 0x0002, "stk500v2"),
+        (0x2C99, 0x0002, "prusa"),
+        (0x2C99, 0x0004, "avr109"),
+        (0x2C99, 0x0003, "avr109"),
+        (0x2C99, 0x000E, "avr109"),
         (0x2C99, 0x000D, None),  # a Buddy-board Prusa
     ],
 )
