@@ -102,6 +102,9 @@ class PrusaEinsy(Stk500Board):
         self._watchdog = False
         super().__init__("stk500v2", "m2560", 115200, timing=timing, app=app, **kw)
 
+    def __enter__(self) -> PrusaEinsy:
+        return self
+
     # --- the 32U2 USB-serial chip ----------------------------------------------------------
 
     def _rx_byte(self, b: int, now: float, garbled: bool) -> bool:
