@@ -156,7 +156,11 @@ class PrusaFlasher(Stk500v2Flasher):
         self.target = target
         #: Prusa's bootloader answered 0x71 (None: not asked yet)
         self.prusa_bootloader: Optional[bool] = None
-        self.semicolon_rounds = bool(opts.get("semicolon_rounds", True))
+        #: write pages with ';' in two rounds: None = find out whether the USB chip has the
+        #: defect (one probe per session), True/False = forced by the caller
+        forced = opts.get("semicolon_rounds")
+        self.semicolon_rounds: Optional[bool] = None if forced is None else bool(forced)
+        self._forced_rounds = forced is not None
         self.start_timeout = float(opts.get("start_timeout", 10.0))
         self.handshake_timeout = float(opts.get("handshake_timeout", 1.0))
         self.drain_quiet = float(opts.get("drain_quiet", 0.25))
@@ -178,7 +182,30 @@ class PrusaFlasher(Stk500v2Flasher):
         self.entered_from_app = True  # the DTR reset stopped whatever ran
         signature = super()._start_session()
         self._announce_size()
+        if not self._forced_rounds and self.semicolon_rounds is None:
+            self._probe_semicolon()
         return signature
+
+    def _probe_semicolon(self) -> None:
+        """GET_PARAMETER 0x3B: answered when ';' reaches the AVR intact; a USB chip with the
+        defect inserts 0xFF, the checksum fails and the bootloader drops the frame (the
+        extra byte lands inside the 2-byte body, so its buffer cannot overflow)."""
+        try:
+            self.proto.command(bytes([0x03, SEMICOLON]), resend=False)
+            intact = True
+        except Stk500v2Error as exc:
+            if not exc.silent:
+                intact = True  # refused, but the frame arrived intact
+            else:
+                intact = False
+                self.proto.wire.drain(0.05)
+        self.semicolon_rounds = not intact
+        self.log(
+            "Prusa: ';' reaches the board intact: pages are written in one round"
+            if intact
+            else "Prusa: this USB-serial chip mangles ';' (old Einsy 32U2 firmware): pages "
+            "with ';' are written in two rounds"
+        )
 
     def _announce_size(self) -> None:
         size = self.upload_size
@@ -210,7 +237,7 @@ class PrusaFlasher(Stk500v2Flasher):
     # --- pass 1: pages without a single 0x3B -------------------------------------------------
 
     def _needs_rounds(self, data: bytes) -> bool:
-        return self.semicolon_rounds and SEMICOLON in data
+        return self.semicolon_rounds is not False and SEMICOLON in data
 
     def _plan(
         self,

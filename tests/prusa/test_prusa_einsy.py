@@ -62,7 +62,8 @@ def test_multilang_writes_firmware_and_catalogs_and_both_read_back(
     assert "Pass 1 firmware" in result.confirmation and "pass 2 languages" in result.confirmation
     assert b.lcd_upload_size == len(fw)  # 0x71 announced the real size: LCD progress
     assert b.events[-1] == "start" and "xflash leave" in b.events  # the printer restarted
-    assert not any("extra 0xFF" in line for line in b.stats.log)  # no ';' ever went out
+    # the only ';' that ever went out is the probe that found the defect
+    assert sum("extra 0xFF" in line for line in b.stats.log) == 1
 
 
 def test_languages_across_64k_blocks_and_the_extended_address(boards: list[PrusaEinsy]) -> None:
@@ -115,7 +116,7 @@ def test_the_address_whose_load_frame_holds_0x3b_is_reached_from_the_page_before
     fw[0x7600] = fw[0x7700] = 0x3B
     flash(b, load_bytes(samples.ihex(bytes(fw)), "fw.hex"))
     assert bytes(b.flash[: len(fw)]) == fw
-    assert not any("extra 0xFF" in line for line in b.stats.log)
+    assert sum("extra 0xFF" in line for line in b.stats.log) == 1  # the probe only
 
 
 def test_english_build_writes_only_the_firmware_and_sees_the_printer_start(
@@ -240,3 +241,31 @@ def test_the_xflash_model_ands_and_erases_only_at_block_starts() -> None:
 def test_gpio_header_without_a_prompt_is_refused_before_opening() -> None:
     with pytest.raises(FlashError, match="Raspberry Pi header"):
         prusa.open_flasher(Target("prusa", port="/dev/ttyAMA0"))
+
+
+def test_a_usb_chip_without_the_defect_gets_one_round_per_page(boards: list[PrusaEinsy]) -> None:
+    b = einsy(boards, semicolon_defect=False)
+    fw, langs, image = multilang()
+    f = prusa.open_flasher(Target("prusa", port=b.port, options=FAST))
+    try:
+        f.identify()
+        f.flash(image)
+    finally:
+        f.close()
+    assert f.semicolon_rounds is False and f.rounds == 0
+    assert bytes(b.flash[: len(fw)]) == fw and bytes(b.xflash.data[: len(langs)]) == langs
+
+
+def test_the_defect_is_detected_and_every_page_with_a_semicolon_takes_two_rounds(
+    boards: list[PrusaEinsy],
+) -> None:
+    b = einsy(boards)
+    fw, langs, image = multilang(fw_size=5000)
+    f = prusa.open_flasher(Target("prusa", port=b.port, options=FAST))
+    try:
+        f.identify()
+        f.flash(image)
+    finally:
+        f.close()
+    with_semicolon = sum(1 for a in range(0, len(fw), 256) if b";" in fw[a : a + 256])
+    assert f.semicolon_rounds is True and f.rounds == with_semicolon
