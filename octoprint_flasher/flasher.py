@@ -93,15 +93,28 @@ class TargetInfo:
         )
 
 
+#: how a flash was confirmed (FlashResult.verified_by)
+VERIFIED_READ_BACK = "read-back"
+VERIFIED_FIRMWARE_REPORT = "firmware-report"
+NOT_CONFIRMED = "not-confirmed"
+
+
 @dataclass
 class FlashResult:
-    """What a completed flash did; only produced after a successful read-back verify."""
+    """What a completed flash did.
+
+    ``verified_by`` says how the flash was confirmed: by reading the flash back (the normal
+    case), by the new firmware's own report where a path cannot read back (an SD-card
+    bootloader), or not at all; ``confirmation`` says it in one sentence for the user.
+    """
 
     bytes_written: int
     bytes_verified: int
     blocks_written: int
     blocks_skipped: int = 0
     seconds: float = 0.0
+    verified_by: str = VERIFIED_READ_BACK
+    confirmation: str = ""
 
 
 class Flasher(abc.ABC):
@@ -111,18 +124,24 @@ class Flasher(abc.ABC):
     method: str = ""
     #: whether :meth:`read` is implemented for this protocol
     can_read: bool = True
+    #: set by :meth:`identify` when it rebooted a running application into the bootloader
+    #: (a board found waiting in its bootloader is left there after a refusal or failure)
+    entered_from_app: bool = False
 
     def __init__(self, log: Optional[LogCallback] = None) -> None:
         self.log: LogCallback = log or no_log
 
     @abc.abstractmethod
     def identify(self) -> TargetInfo:
-        """Enter the bootloader if needed, talk to it and describe the chip."""
+        """Enter the bootloader if needed, talk to it and describe the chip.
+
+        Everything the image alone can tell has been checked before this is called (the
+        module's ``check_image``), because entering a bootloader changes what the board runs.
+        """
 
     def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
-        """Protocol-specific checks beyond :mod:`preflight`.
-
-        Raise PreflightError to refuse; return warnings to show.
+        """Board checks: the image against what :meth:`identify` found (layout, the board's
+        actual content, the chip). Raise PreflightError to refuse; return warnings to show.
         """
         return []
 
@@ -143,8 +162,9 @@ class Flasher(abc.ABC):
         """Read the application area back (a backup)."""
 
     @abc.abstractmethod
-    def leave(self) -> None:
-        """Leave the bootloader and start the application."""
+    def leave(self) -> Optional[str]:
+        """Leave the bootloader and start the application; return a sentence saying how the
+        application was seen to come back, or None when that cannot be observed."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most flashers need nothing
         """Release the transport. Safe to call twice."""

@@ -3,13 +3,22 @@
 idle -> preflight -> disconnecting -> entering_bootloader -> (backing_up) -> erasing ->
 writing -> verifying -> leaving_bootloader -> reconnecting -> done | failed | cancelled
 
-The order is the safety argument. The image is parsed and checked offline *before* the printer
-is disconnected; the board is checked against the image (preflight + the flasher's own check)
-*before* anything is written, and a refusal sends the board back to its application. Once
+The order is the safety argument, in two kinds of checks:
+
+* *Image checks* need no board (file format, where the image is linked, the vector table, the
+  embedded Klipper dictionary, the chip the user named): they run before the printer is
+  disconnected or any board is entered, so a wrong file changes nothing anywhere.
+* *Board checks* (fits the layout, overlaps the bootloader by the board's actual content, chip
+  signature) run after ``identify()``, before anything is written.
+
+Where the board was found decides where it is left. A board the flasher rebooted out of a
+running application (``Flasher.entered_from_app``) is sent home after a refusal; a board found
+waiting in its bootloader stays there, so the next Flash works without touching it. Once
 writing has begun, a failure leaves the board in its bootloader -- starting a half-written
-application is worse -- and the printer is NOT reconnected, because connecting a printer host
-to a bootloader resets or confuses it; the result says to flash again or reset. In every other
-case the printer is reconnected (if it was disconnected) and the transport is always closed.
+application is worse. The printer is disconnected only when the board is the printer's
+(``Target.printer_port``), and reconnected unless the board was left in its bootloader
+(connecting a printer host to a bootloader resets or confuses it). The transport is always
+closed.
 
 No OctoPrint imports: the host is reached through :class:`HostHooks`, events go to a listener.
 """
@@ -28,12 +37,14 @@ from typing import Any, Callable, Deque, Optional, Protocol
 from . import methods, preflight
 from .errors import BusyError, CancelledError, FlashError
 from .flasher import (
+    NOT_CONFIRMED,
     STAGE_ENTERING,
     STAGE_ERASING,
     STAGE_LEAVING,
     STAGE_READING,
     STAGE_VERIFYING,
     STAGE_WRITING,
+    VERIFIED_FIRMWARE_REPORT,
     CancelToken,
     Flasher,
     FlashResult,
@@ -41,6 +52,7 @@ from .flasher import (
     Progress,
     TargetInfo,
 )
+from .image import cortex_m
 from .image.model import FirmwareImage
 from .store import Store, StoredImage
 from .target import Target
@@ -61,14 +73,26 @@ FINAL_STATES = (STATE_DONE, STATE_FAILED, STATE_CANCELLED)
 FLASH_STAGES = (STAGE_ERASING, STAGE_WRITING, STAGE_VERIFYING)
 
 RESULT_SUCCESS = "success"
+RESULT_UNCONFIRMED = "unconfirmed"  # written, but the path could neither read back nor confirm
 RESULT_FAILED = "failed"
 RESULT_CANCELLED = "cancelled"
+
+#: where the job left the board (JobResult.board_state)
+BOARD_UNTOUCHED = "untouched"  # refused before any board was talked to
+BOARD_APPLICATION = "application"  # running its (old or new) firmware
+BOARD_BOOTLOADER = "bootloader"  # waiting in its bootloader for the next Flash
 
 LOG_LINES = 200
 
 IN_BOOTLOADER_HINT = (
     "The board is in its bootloader; flash again (the file is kept) or reset/power-cycle it."
 )
+FOUND_IN_BOOTLOADER = (
+    "The board is still waiting in its bootloader, as it was found: choose the right file and "
+    "press Flash."
+)
+SENT_HOME = "Nothing was written; the board was sent back to its application."
+UNTOUCHED = "Nothing was written and no board was touched."
 
 
 class HostHooks(Protocol):
@@ -110,10 +134,14 @@ Opener = Callable[[Target, Optional[LogCallback]], Flasher]
 class JobResult:
     """How a job ended. ``status`` is success only after the flasher's verified flash."""
 
-    status: str  # success | failed | cancelled
+    status: str  # success | unconfirmed | failed | cancelled
     message: str
     error: Optional[dict[str, Any]] = None
     board_in_bootloader: bool = False
+    board_state: str = BOARD_UNTOUCHED
+    board_message: str = ""
+    verified_by: str = ""
+    confirmation: str = ""
     reconnected: Optional[bool] = None  # None: not attempted
     duration: float = 0.0
     bytes_written: int = 0
@@ -288,8 +316,8 @@ class FlashJob:
             self._set_state(STATE_PREFLIGHT)
             ctx.stored = self.store.get_image(image_id)
             image = self.store.load_image(image_id)
-            if not image.address_given and target.address is not None:
-                image = image.placed_at(target.address)
+            # image checks: no board is touched and the printer stays connected
+            image = cortex_m.place(image, target.address)
             ctx.image = image
             self._image_summary = dict(image.summary(), id=image_id)
             method = None if target.method == "auto" else target.method
@@ -297,23 +325,26 @@ class FlashJob:
             for w in offline.warnings:
                 self._warn(ctx, w)
             preflight.raise_for(offline)
+            for w in methods.check_image(target, image):
+                self._warn(ctx, w)
             self._cancel.check()
             if self.host.is_printing():
                 raise _printing_error()
 
-            self._set_state(STATE_DISCONNECTING)
-            self.host.disconnect()
-            ctx.disconnected = True
-            self._cancel.check()
+            if target.printer_port:
+                self._set_state(STATE_DISCONNECTING)
+                self.host.disconnect()
+                ctx.disconnected = True
+                self._cancel.check()
 
+            # board checks: identify must not change what the board runs unless it must
             self._set_state(STATE_ENTERING)
             ctx.flasher = self.opener(target, self._emit_log)
             info = ctx.flasher.identify()
             ctx.info = info
             self._emit_log(f"Found {info.describe()}")
-            # The protocol's own check first: it knows the specific story (e.g. "this is
-            # canboot.bin, flashing it through Katapult boot-loops the board"), where the
-            # generic check can only say "outside the application area".
+            # The protocol's own check first: it knows the specific story, where the generic
+            # check can only say "outside the application area".
             for w in ctx.flasher.check(image, info):
                 self._warn(ctx, w)
             report = preflight.check(
@@ -341,6 +372,8 @@ class FlashJob:
                 f"Wrote {result.bytes_written} bytes in {result.blocks_written} blocks "
                 f"({result.blocks_skipped} unchanged), verified {result.bytes_verified} bytes."
             )
+            if result.confirmation:
+                self._emit_log(result.confirmation)
             self._leave(ctx)
             return self._conclude(ctx, None, t0)
         except FlashError as exc:
@@ -366,7 +399,10 @@ class FlashJob:
         self._set_state(STATE_LEAVING)
         assert ctx.flasher is not None
         try:
-            ctx.flasher.leave()
+            came_back = ctx.flasher.leave()
+            if came_back:
+                ctx.came_back = came_back
+                self._emit_log(came_back)
         except Exception as exc:
             self._warn(
                 ctx,
@@ -374,16 +410,37 @@ class FlashJob:
                 f"bootloader ({exc}); press its reset button.",
             )
 
+    def _board_after_error(self, ctx: _Run) -> tuple[str, str]:
+        """Where the board stays after a refusal, a cancel or a failure, and why."""
+        if ctx.writing:
+            return BOARD_BOOTLOADER, IN_BOOTLOADER_HINT
+        if ctx.flasher is None:
+            return BOARD_UNTOUCHED, UNTOUCHED
+        if ctx.info is None and not ctx.flasher.entered_from_app:
+            return BOARD_UNTOUCHED, "Nothing was written."
+        if not ctx.flasher.entered_from_app:
+            # found in its bootloader (ROM DFU by BOOT0, Katapult without a valid application):
+            # starting it would jump into a blank or unverified application area
+            return BOARD_BOOTLOADER, FOUND_IN_BOOTLOADER
+        try:
+            self._set_state(STATE_LEAVING)
+            ctx.flasher.leave()
+        except Exception as exc:
+            self._emit_log(f"Could not return the board to its application: {exc}")
+            return BOARD_BOOTLOADER, IN_BOOTLOADER_HINT
+        return BOARD_APPLICATION, SENT_HOME
+
     def _conclude(self, ctx: _Run, error: Optional[FlashError], t0: float) -> JobResult:
-        """Decide reconnect, record history, build the result."""
-        in_bootloader = error is not None and ctx.writing
-        if error is not None and not ctx.writing and ctx.flasher is not None:
-            # refused or failed before writing: the board was not modified, send it home
-            try:
-                self._set_state(STATE_LEAVING)
-                ctx.flasher.leave()
-            except Exception as exc:
-                self._emit_log(f"Could not return the board to its application: {exc}")
+        """Decide where the board stays and whether to reconnect, record history, build the
+        result."""
+        fr = ctx.flash_result
+        if error is None:
+            board_state, board_message = BOARD_APPLICATION, ctx.came_back
+        else:
+            board_state, board_message = self._board_after_error(ctx)
+        in_bootloader = board_state == BOARD_BOOTLOADER
+        if error is not None and not ctx.writing:
+            self._emit_log(board_message)
         # Release the port before the host reopens it: a printer connection to a port we
         # still hold would sit in "Opening serial connection" until it times out.
         self._close(ctx)
@@ -400,18 +457,23 @@ class FlashJob:
         elif in_bootloader and ctx.disconnected:
             self._emit_log("Not reconnecting the printer: the board is in its bootloader.")
 
-        if error is None:
-            status, message = RESULT_SUCCESS, "Firmware written and verified."
+        if error is None and fr is not None and fr.verified_by == NOT_CONFIRMED:
+            status = RESULT_UNCONFIRMED
+            message = "Firmware written, but NOT confirmed. " + fr.confirmation
+        elif error is None and fr is not None and fr.verified_by == VERIFIED_FIRMWARE_REPORT:
+            status, message = RESULT_SUCCESS, "Firmware updated: " + fr.confirmation
+        elif error is None:
+            status, message = RESULT_SUCCESS, "Firmware written and verified by reading it back."
+            if ctx.came_back:
+                message += " " + ctx.came_back
         elif isinstance(error, CancelledError):
             status, message = RESULT_CANCELLED, error.message
         else:
             status, message = RESULT_FAILED, error.message
         err_dict = error.to_dict() if error else None
-        if in_bootloader and err_dict is not None:
-            err_dict["hint"] = (
-                err_dict["hint"] + " " if err_dict["hint"] else ""
-            ) + IN_BOOTLOADER_HINT
-            message = f"{message} {IN_BOOTLOADER_HINT}"
+        if error is not None and err_dict is not None and board_message:
+            err_dict["hint"] = (err_dict["hint"] + " " if err_dict["hint"] else "") + board_message
+            message = f"{message} {board_message}"
         if error is not None:
             self._emit_log(f"{status.upper()}: {error}")
 
@@ -422,12 +484,17 @@ class FlashJob:
                 image_kept = False
             except OSError as exc:  # the flash succeeded; a stale upload is only clutter
                 self._emit_log(f"Could not remove the uploaded file: {exc}")
-        fr = ctx.flash_result
         result = JobResult(
             status=status,
             message=message,
             error=err_dict,
             board_in_bootloader=in_bootloader,
+            board_state=board_state,
+            board_message=board_message,
+            verified_by=fr.verified_by if fr and error is None else "",
+            confirmation=(fr.confirmation if fr and fr.confirmation else ctx.came_back)
+            if error is None
+            else "",
             reconnected=reconnected,
             duration=round(time.monotonic() - t0, 3),
             bytes_written=fr.bytes_written if fr else 0,
@@ -465,6 +532,9 @@ class FlashJob:
             "image_id": result.image_id,
             "backup_id": result.backup_id,
             "board_in_bootloader": result.board_in_bootloader,
+            "board_state": result.board_state,
+            "verified_by": result.verified_by,
+            "confirmation": result.confirmation,
         }
         try:
             self.store.append_history(record)
@@ -475,6 +545,7 @@ class FlashJob:
         self._result = result
         final = {
             RESULT_SUCCESS: STATE_DONE,
+            RESULT_UNCONFIRMED: STATE_DONE,
             RESULT_FAILED: STATE_FAILED,
             RESULT_CANCELLED: STATE_CANCELLED,
         }[result.status]
@@ -555,6 +626,7 @@ class _Run:
     info: Optional[TargetInfo] = None
     disconnected: bool = False
     writing: bool = False  # flash() was entered: a failure now leaves the board in its bootloader
+    came_back: str = ""  # how the application was seen to come back after leave()
     flash_result: Optional[FlashResult] = None
     backup_id: Optional[str] = None
     warnings: list[str] = field(default_factory=list)

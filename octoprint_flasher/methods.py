@@ -1,17 +1,20 @@
 """Registry from method name to the flasher that implements it.
 
-Each protocol's flasher module exposes ``open_flasher(target, log) -> Flasher``. Modules are
-imported lazily so a missing optional dependency (python-can, libusb) only affects its own
-method, and a method whose module does not exist yet fails with a clear "not available".
+Each protocol's flasher module exposes ``open_flasher(target, log) -> Flasher`` and may expose
+``check_image(image, target) -> list[str]``: the checks that need no board (they run before the
+printer is disconnected or any board is entered). Modules are imported lazily so a missing
+optional dependency (python-can, libusb) only affects its own method, and a method whose module
+does not exist yet fails with a clear "not available".
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .errors import UnsupportedError
 from .flasher import Flasher, LogCallback
+from .image.model import FirmwareImage
 from .target import Target
 
 # method -> module path (relative to this package) exposing open_flasher()
@@ -28,9 +31,34 @@ FLASHER_MODULES: dict[str, str] = {
 }
 
 Opener = Callable[[Target, Optional[LogCallback]], Flasher]
+ImageCheck = Callable[[FirmwareImage, Target], list[str]]
 
 
 def get_opener(method: str) -> Opener:
+    opener: Opener = _module(method).open_flasher
+    return opener
+
+
+def check_image(target: Target, image: FirmwareImage) -> list[str]:
+    """The method's image checks (no I/O with any board); PreflightError/ImageError refuse.
+
+    For ``auto`` the method is the one :func:`~.flashers.auto.choose_method` would pick; a
+    target that names nothing yet has no method-specific checks."""
+    method = target.method
+    if method == "auto":
+        from .flashers.auto import choose_method
+
+        try:
+            method = choose_method(target)[0]
+        except UnsupportedError:
+            return []
+        if method not in FLASHER_MODULES:  # "avr": detection picks stk500v1/v2 on the board
+            return []
+    check: Optional[ImageCheck] = getattr(_module(method), "check_image", None)
+    return check(image, target) if check is not None else []
+
+
+def _module(method: str) -> Any:
     if method not in FLASHER_MODULES:
         raise UnsupportedError(
             f"Unknown flashing method {method!r}.",
@@ -49,8 +77,7 @@ def get_opener(method: str) -> Opener:
             f"The {method} method needs the Python package {exc.name!r}, which is missing.",
             hint=f"Install it into OctoPrint's environment: pip install {exc.name}",
         ) from exc
-    opener: Opener = module.open_flasher
-    return opener
+    return module
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Flasher:

@@ -329,6 +329,34 @@ def _check_vector_table(
 
 # --- without a board -------------------------------------------------------------------
 
+#: where program flash is on every chip this flasher supports (end exclusive)
+FLASH_REGIONS = (
+    (0x00000000, 0x00080000, "AVR, LPC176x or SAMD flash (up to 512 KiB from 0)"),
+    (0x08000000, 0x08200000, "STM32 flash (0x08000000, up to 2 MiB)"),
+    (0x10000000, 0x11000000, "RP2040/RP2350 flash (0x10000000, up to 16 MiB)"),
+)
+
+
+def _outside_any_flash(image: FirmwareImage) -> Optional[ImageError]:
+    """Data at an address that is program flash on no supported chip (RAM, peripherals, option
+    bytes): no board can take it, whatever the target."""
+    if not image.address_given:
+        return None
+    for seg in image.segments:
+        if any(lo <= seg.address and seg.end <= hi for lo, hi, _ in FLASH_REGIONS):
+            continue
+        return ImageError(
+            f"{image.filename or 'The image'} has data at 0x{seg.address:08X}-"
+            f"0x{seg.end - 1:08X}, which is program flash on no supported chip.",
+            cause="The file holds RAM, peripheral, option-byte or external-memory data, or it was "
+            "linked for a chip this flasher does not know. Program flash is: "
+            + "; ".join(what for _, _, what in FLASH_REGIONS)
+            + ".",
+            hint="Upload the application firmware the build produced for the board's flash "
+            "(e.g. klipper.bin, firmware.hex).",
+        )
+    return None
+
 
 def check_offline(
     image: FirmwareImage, mcu_name: Optional[str] = None, method: Optional[str] = None
@@ -345,6 +373,10 @@ def check_offline(
     )
     if not image.segments or image.size == 0:
         report.fail(_empty(image))
+        return report
+    outside = _outside_any_flash(image)
+    if outside is not None:
+        report.fail(outside)
         return report
     arm_like = image.address_given and image.start >= STM32_FLASH
     avr_like = image.address_given and image.end <= 256 * 1024

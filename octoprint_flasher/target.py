@@ -45,6 +45,9 @@ class Target:
     # reading costs a fraction of erasing; off elsewhere), False forces a full write
     quick: Optional[bool] = None
     allow_bootloader_erase: bool = False  # explicit confirmation for dangerous writes
+    # the board is the printer's own (its port, or the user said so): only then is OctoPrint
+    # disconnected (and heaters switched off) for the flash
+    printer_port: bool = False
     options: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:

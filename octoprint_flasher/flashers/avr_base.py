@@ -45,6 +45,10 @@ class SilentBootloader(ConnectError):
 class AvrSerialFlasher(Flasher, abc.ABC):
     """Template for a serial AVR bootloader session."""
 
+    #: every session starts with our reset of the running board, and an AVR bootloader with
+    #: no application simply starts again: leaving after a refusal is always safe
+    entered_from_app = True
+
     protocol_name = ""
     bootloader_name = ""
     #: whether writing some pages again can disturb others (then all are verified again)
@@ -509,10 +513,11 @@ class AvrSerialFlasher(Flasher, abc.ABC):
         segs = [Segment(info.app_start, data)] if data else []
         return FirmwareImage(segs, filename=f"{info.chip}-backup.hex", kind="hex")
 
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         if self.in_bootloader:
             self._leave()
             self.in_bootloader = False
+        return None
 
     def close(self) -> None:
         self.link.close()

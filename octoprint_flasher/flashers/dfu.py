@@ -191,12 +191,10 @@ class DfuFlasher(Flasher):
         cand, layout = self.candidate, self.layout
         assert cand is not None and layout is not None
         name, self.chip = guess_chip(layout)
+        app_start, found = self._application_start(layout)
         if self.target.address is not None:
             app_start = self.target.address
-        elif self.chip is not None:
-            app_start = self.chip.default_app_address()
-        else:
-            app_start = layout.start
+        self.log(f"dfu: {found}")
         assert self.session is not None
         self.info = TargetInfo(
             method="dfu",
@@ -216,26 +214,51 @@ class DfuFlasher(Flasher):
                 "layout": layout.raw,
                 "layout_notes": list(layout.notes),
                 "alternates": [a.name for a in cand.alts],
+                "found": found,
             },
         )
         self.log(f"dfu: {self.info.describe()} (layout {layout.raw!r})")
         return self.info
 
+    def _application_start(self, layout: MemoryLayout) -> tuple[int, str]:
+        """Where this board's application area starts, by what its flash holds (reading does
+        not change what the board runs): behind a bootloader when one sits at the flash start,
+        else the flash start itself. Unreadable flash counts as a bootloader (the safe side)."""
+        if self.chip is None:
+            return layout.start, "chip unknown: the application area is the whole flash"
+        session = self.session
+        assert session is not None
+        usual = self.chip.default_app_address()
+        try:
+            head = session.read(layout.start, 8)
+            if not _plausible_vectors(head, layout.start, layout.end):
+                return layout.start, "no bootloader at the flash start (it is erased or blank)"
+            _, reset = _vector(head)
+            offsets = [o for o in self.chip.app_offsets if o]
+            if (reset & ~1) >= layout.start + max(offsets, default=0):
+                return layout.start, "an application linked for the flash start, no bootloader"
+            for offset in offsets:
+                base = layout.start + offset
+                if base > reset and _plausible_vectors(session.read(base, 8), base, layout.end):
+                    return base, (
+                        f"a bootloader at 0x{layout.start:08X} and an application at 0x{base:08X}"
+                    )
+            if session.read(usual - 8, 8) == b"\xff" * 8 and reset < usual:
+                return usual, (
+                    f"a bootloader at 0x{layout.start:08X}, no application behind it at "
+                    f"0x{usual:08X}"
+                )
+            return layout.start, "an application linked for the flash start, no bootloader"
+        except Exception as exc:
+            self.log(f"dfu: could not read the flash start ({exc}); assuming a bootloader")
+            return usual, "flash start unreadable: assuming a bootloader"
+
     # --- image placement and checks -------------------------------------------------------
     def _default_start(self, image: FirmwareImage) -> int:
-        """Where an address-less .bin goes: the user's address, else the offset the image's
-        own vector table was linked for, else the board's usual application start."""
+        """Where an address-less .bin goes: the user's address, else the board's application
+        start. (A Cortex-M .bin has already placed itself by its vector table.)"""
         info = self.identify()
-        if self.target.address is not None:
-            return self.target.address
-        data = image.segments[0].data
-        if len(data) >= 8 and self.chip is not None:
-            _, reset = _vector(data[:8])
-            for offset in sorted(self.chip.app_offsets, reverse=True):
-                base = self.chip.flash_start + offset
-                if base <= reset < base + len(data):
-                    return base
-        return info.app_start
+        return self.target.address if self.target.address is not None else info.app_start
 
     def prepare(self, image: FirmwareImage) -> FirmwareImage:
         """Place an address-less .bin and pad to whole flash words."""
@@ -649,10 +672,10 @@ class DfuFlasher(Flasher):
         return image
 
     # --- leave ------------------------------------------------------------------------------
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         """Start the application and make sure the ROM really let go of USB."""
         if self._left:
-            return
+            return None
         session = self.session or self._connect()
         info = self.identify()
         self._left = True
@@ -668,7 +691,7 @@ class DfuFlasher(Flasher):
         self.log(f"dfu: jump to 0x{address:08X}: {how}")
         self.session = None
         self._release()
-        came_back = self._wait_gone()
+        came_back, how = self._wait_gone()
         if came_back:
             raise ProtocolError(
                 "The firmware was written and verified, but the board came back in DFU mode "
@@ -679,12 +702,13 @@ class DfuFlasher(Flasher):
                 hint="Remove the BOOT0 jumper and press reset. If it still shows 0483:df11, "
                 "flash a firmware built for this board's bootloader offset.",
             )
+        return how
 
-    def _wait_gone(self) -> bool:
-        """Wait for the DFU device to vanish; return True if it re-enumerated as DFU."""
+    def _wait_gone(self) -> tuple[bool, str]:
+        """Wait for the DFU device to vanish: (re-enumerated as DFU, what was seen)."""
         cand = self.candidate
         if cand is None or self.backend is None:
-            return False
+            return False, ""
         path = cand.path
         address = cand.device.address
         deadline = time.monotonic() + self.timeouts.seconds(self.timeouts.leave_gone_s)
@@ -699,13 +723,16 @@ class DfuFlasher(Flasher):
                 self.log("dfu: the DFU device disconnected")
                 deadline = time.monotonic() + self.timeouts.seconds(3.0)
                 if dfu_here:
-                    return True
+                    return True, ""
             elif gone and dfu_here:
-                return True
+                return True, ""
             elif gone and here:
                 ids = ", ".join(f"{d.idVendor:04x}:{d.idProduct:04x}" for d in here)
                 self.log(f"dfu: the board re-enumerated as {ids}: the application runs")
-                return False
+                return (
+                    False,
+                    f"The board left DFU mode and came back as USB {ids}: the new firmware runs.",
+                )
             self.sleep(self.timeouts.seconds(0.05))
         if not gone:
             raise ConnectError(
@@ -714,7 +741,10 @@ class DfuFlasher(Flasher):
                 hint="The firmware is written and verified: remove the BOOT0 jumper (if fitted) "
                 "and press reset.",
             )
-        return False
+        return False, (
+            "The board left DFU mode; it did not come back on USB within the wait (normal for "
+            "a CAN or UART firmware)."
+        )
 
     def _release(self) -> None:
         if self.candidate is None:

@@ -28,11 +28,17 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
-from ..image.klipper import check_reset_vector, klipper_build, looks_like_katapult
+from ..image.klipper import (
+    KlipperBuild,
+    check_reset_vector,
+    klipper_build,
+    looks_like_katapult,
+)
 from ..image.model import FirmwareImage, Segment
 from ..links import bootloader_entry as entry
 from ..protocols import katapult as kp
 from ..protocols import klipper_can
+from ..protocols import klipper_serial as ks
 from ..target import Target
 
 UART_BAUD = 250000
@@ -118,7 +124,11 @@ class KatapultFlasher(Flasher):
         self.uuid: Optional[bytes] = None
         self.target_info: Optional[TargetInfo] = None
         self._failed = False
-        self._entered = False
+        #: the Katapult USB device we talk to (its USB path and serial find Klipper again)
+        self.katapult_usb: Any = None
+        #: what was flashed, to recognise the new application when it answers
+        self.flashed: Optional[bytes] = None
+        self.build: Optional[KlipperBuild] = None
         if self.transport == "can":
             if not target.uuid:
                 raise ConnectError(
@@ -232,7 +242,7 @@ class KatapultFlasher(Flasher):
         except ConnectError as exc:
             exc.cause += self._can_advice()
             raise
-        self._entered = result.requested
+        self.entered_from_app = result.requested
         if result.serial_port is not None:
             # the bridge is gone with its CAN interface; Katapult waits on USB serial
             self.can_link.close()
@@ -267,7 +277,7 @@ class KatapultFlasher(Flasher):
             info = entry.enter_from_usb_klipper(
                 port, self.lister, self.entry_timeout, self.open_serial
             )
-            self._entered = True
+            self.entered_from_app = True
             port = info.device
             usb_id = entry.KATAPULT_USB
             self.log(f"Katapult re-enumerated as {port}.")
@@ -284,6 +294,7 @@ class KatapultFlasher(Flasher):
             if not product.startswith(_PRIME_EXEMPT):
                 self.client.prime()
         if usb_id == entry.KATAPULT_USB:
+            self.katapult_usb = info
             self.info = self._guarded(self.client.connect, "CONNECT")
             return
         # UART (or unknown USB): Katapult already? If not, ask Klipper for the bootloader.
@@ -294,7 +305,7 @@ class KatapultFlasher(Flasher):
             pass
         self.log(f"No Katapult on {port}: sending Klipper's serial bootloader request.")
         link.write(entry.SERIAL_BOOTLOADER_REQUEST)
-        self._entered = True
+        self.entered_from_app = True
         deadline = time.monotonic() + self.entry_timeout
         while True:
             try:
@@ -378,25 +389,22 @@ class KatapultFlasher(Flasher):
         return image
 
     def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
+        """Board checks: the image against the application area Katapult reports and the MCU
+        it names. The image checks (:func:`check_image`) ran before the node was touched."""
         warnings: list[str] = []
-        img = image if image.address_given else image.placed_at(target.app_start)
+        img = self.placed(image)
         if not img.segments:
             raise PreflightError("The firmware file is empty.", hint="Pick the built klipper.bin.")
-        first = img.read(img.start, 8)
-        data = img.to_bytes()
-        # the reset handler must lie in the application area *and* inside this image
-        vec = check_reset_vector(first, target.app_start, min(target.app_end, img.end))
-        if looks_like_katapult(data) and not vec.ok:
+        offset = target.app_start - target.flash_start
+        linked = image.extra.get("link_base")
+        if linked is not None and linked != target.app_start:
             raise PreflightError(
-                f"{image.filename or 'This file'} is the Katapult bootloader itself "
-                "(katapult.bin / canboot.bin), not an application.",
-                cause=f"Its reset vector ({vec.describe()}) points into the bootloader at the "
-                "start of flash. Written through Katapult it would sit at "
-                f"0x{target.app_start:08X}, and on start Katapult would jump back into "
-                "itself: the board would reboot in a loop, silent on the bus.",
-                hint="To update Katapult through Katapult, flash deployer.bin built with the "
-                "same application offset; to install katapult.bin use DFU or SWD. For "
-                "Klipper, flash out/klipper.bin.",
+                f"This build is linked for 0x{linked:08X}, but Katapult on this board starts "
+                f"applications at 0x{target.app_start:08X}.",
+                cause="The firmware was built with a different 'Bootloader offset' than the "
+                "Katapult installed on this board; Katapult would jump into the wrong code.",
+                hint=f"Rebuild Klipper with 'Bootloader offset' = {offset // 1024} KiB "
+                f"(application at 0x{target.app_start:08X}). Nothing was written.",
             )
         if img.start < target.app_start:
             raise PreflightError(
@@ -404,8 +412,7 @@ class KatapultFlasher(Flasher):
                 f"(the application area starts at 0x{target.app_start:08X}).",
                 cause="The file was built for a board without a bootloader or with a "
                 "different bootloader offset.",
-                hint=f"Rebuild with a bootloader offset of "
-                f"{(target.app_start - target.flash_start) // 1024} KiB.",
+                hint=f"Rebuild with a bootloader offset of {offset // 1024} KiB.",
             )
         if img.end > target.app_end:
             raise PreflightError(
@@ -414,8 +421,8 @@ class KatapultFlasher(Flasher):
                 cause="It was built for a larger chip.",
                 hint=f"Build for {target.chip}.",
             )
+        vec = check_reset_vector(img.read(img.start, 8), target.app_start, img.end)
         if img.start == target.app_start and not vec.ok:
-            offset = target.app_start - target.flash_start
             raise PreflightError(
                 f"The image's reset vector ({vec.describe()}) points outside the application "
                 f"area 0x{target.app_start:08X}-0x{target.app_end - 1:08X}.",
@@ -429,70 +436,15 @@ class KatapultFlasher(Flasher):
                 f"The image starts at 0x{img.start:08X}, after the application start "
                 f"0x{target.app_start:08X}; its vector table could not be checked."
             )
-        if looks_like_katapult(data):
-            warnings.append(
-                "This is a Katapult deployer (deployer.bin): once started it rewrites the "
-                "bootloader. Do not interrupt power until the board is back in Katapult."
-            )
-            return warnings
-        build = klipper_build(data)
-        if build is None:
-            warnings.append(
-                "No Klipper data dictionary found in the file, so its MCU could not be "
-                "checked against the board."
-            )
-            return warnings
-        if build.mcu and not chips.same_chip(build.mcu, target.chip):
+        build = klipper_build(img.to_bytes())
+        if build is not None and build.mcu and not chips.same_chip(build.mcu, target.chip):
             raise PreflightError(
                 f"This Klipper build is for {build.mcu}, but the board is {target.chip}.",
                 cause="The wrong 'Processor model' was selected in make menuconfig, or this is "
                 "another board's file.",
                 hint=f"Rebuild Klipper for {target.chip}.",
             )
-        if self.transport == "can":
-            warnings += self._check_can_build(build.interface, build.canbus_frequency)
-        elif build.interface == "can":
-            warnings.append(
-                "This Klipper build talks CAN, not over this serial port: after flashing the "
-                "board will appear on the CAN bus, not here."
-            )
         return warnings
-
-    def _check_can_build(self, interface: str, frequency: Optional[int]) -> list[str]:
-        if interface != "can":
-            kind = "a USB-CAN bridge" if interface == "usb-can-bridge" else f"a {interface}"
-            return [
-                f"This Klipper build is {kind} build, but the board is flashed over CAN: "
-                "after flashing it leaves the CAN bus. Make sure that is what you want."
-            ]
-        bitrate = self.target.can_bitrate or self._interface_bitrate()
-        if bitrate is None:
-            return [
-                f"Klipper was built for {frequency} bit/s; the CAN interface bitrate could "
-                "not be read to confirm it matches."
-            ]
-        if frequency != bitrate:
-            raise PreflightError(
-                f"This Klipper build runs CAN at {frequency} bit/s, but {self.target.can_channel} "
-                f"runs at {bitrate} bit/s.",
-                cause="After flashing, the node would be deaf on this bus (and could not be "
-                "asked to enter Katapult again).",
-                hint=f"Rebuild Klipper with 'CAN bus speed' = {bitrate}, or change the "
-                "interface bitrate.",
-            )
-        return []
-
-    def _interface_bitrate(self) -> Optional[int]:
-        if self.target.can_interface != "socketcan":
-            return None
-        try:
-            from ..links import can_diagnostics
-
-            return can_diagnostics.read_facts(
-                self.target.can_channel, reader=self.can_facts
-            ).bitrate
-        except Exception:
-            return None
 
     # -- flash -------------------------------------------------------------------------------
     def flash(
@@ -525,6 +477,8 @@ class KatapultFlasher(Flasher):
                 self.log("The node restarted mid-flash: reconnecting and writing again.")
                 self._reconnect_can()
         self._failed = False
+        self.flashed = img.to_bytes()
+        self.build = klipper_build(self.flashed)
         return FlashResult(
             bytes_written=len(to_write) * bs,
             bytes_verified=len(blocks) * bs,
@@ -653,15 +607,15 @@ class KatapultFlasher(Flasher):
         return FirmwareImage([Segment(target.app_start, bytes(out))], filename="backup.bin")
 
     # -- leave -------------------------------------------------------------------------------
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         if self.client is None:
-            return
+            return None
         if self._failed:
             self.log(
                 "Not starting the application: the last write was not verified. "
                 "The board stays in Katapult."
             )
-            return
+            return None
         self._guarded(self.client.complete, "COMPLETE")
         self.log("Katapult acknowledged COMPLETE: the application starts.")
         if self.transport == "can" and self.uuid is not None and self.can_link is not None:
@@ -670,12 +624,12 @@ class KatapultFlasher(Flasher):
                 admin = klipper_can.Admin(self.can_link)
                 seen = admin.wait_for(self.uuid, klipper_can.APP_KLIPPER, wait, interval=0.1)
                 if seen is not None:
-                    self.log(f"Klipper answers on the CAN bus as {self.uuid.hex()}.")
-                else:
-                    self.log(
-                        f"Klipper did not announce itself on the bus within {wait:.0f} s "
-                        "(normal if klippy already assigned it an id)."
-                    )
+                    return f"Klipper answers on the CAN bus as {self.uuid.hex()}."
+                return (
+                    f"Klipper did not announce itself on the bus within {wait:.0f} s "
+                    "(normal if klippy already assigned it an id)."
+                )
+        return None
 
     def close(self) -> None:
         if self.serial is not None:
@@ -691,6 +645,91 @@ class NodeResetError(ConnectError):
 
 
 _STAY = "The board stays in Katapult until you flash again (COMPLETE was not sent)."
+
+
+def check_image(image: FirmwareImage, target: Target) -> list[str]:
+    """What the file alone tells, before any node is asked to enter Katapult: the bootloader
+    itself (canboot.bin / katapult.bin) is refused, and a Klipper build's dictionary must name
+    the MCU the user gave and, on CAN, the interface's bitrate."""
+    if not image.segments:
+        raise PreflightError("The firmware file is empty.", hint="Pick the built klipper.bin.")
+    data = image.to_bytes()
+    if looks_like_katapult(data):
+        base = image.extra.get("link_base", image.start if image.address_given else None)
+        if base is not None and base & 0x000FFFFF == 0:
+            raise PreflightError(
+                f"{image.filename or 'This file'} is the Katapult bootloader itself "
+                "(katapult.bin / canboot.bin), not an application.",
+                cause=f"It is linked for the start of flash (0x{base:08X}). Written through "
+                "Katapult it would sit at the application start, and on start Katapult would "
+                "jump back into itself: the board would reboot in a loop, silent on the bus.",
+                hint="To update Katapult through Katapult, flash deployer.bin built with the "
+                "same application offset; to install katapult.bin use DFU or SWD. For "
+                "Klipper, flash out/klipper.bin. Nothing was sent to the board.",
+            )
+        return [
+            "This is a Katapult deployer (deployer.bin): once started it rewrites the "
+            "bootloader. Do not interrupt power until the board is back in Katapult."
+        ]
+    build = klipper_build(data)
+    if build is None:
+        return [
+            "No Klipper data dictionary found in the file, so its MCU could not be checked "
+            "against the board."
+        ]
+    if target.mcu and build.mcu and not chips.same_chip(build.mcu, target.mcu):
+        raise PreflightError(
+            f"This Klipper build is for {build.mcu}, but the board is {target.mcu}.",
+            cause="The wrong 'Processor model' was selected in make menuconfig, or this is "
+            "another board's file.",
+            hint=f"Rebuild Klipper for {target.mcu}.",
+        )
+    if target.port and not target.uuid:
+        if build.interface == "can":
+            return [
+                "This Klipper build talks CAN, not over this serial port: after flashing the "
+                "board will appear on the CAN bus, not here."
+            ]
+        return []
+    return _check_can_build(target, build.interface, build.canbus_frequency)
+
+
+def _check_can_build(target: Target, interface: str, frequency: Optional[int]) -> list[str]:
+    if interface != "can":
+        kind = "a USB-CAN bridge" if interface == "usb-can-bridge" else f"a {interface}"
+        return [
+            f"This Klipper build is {kind} build, but the board is flashed over CAN: "
+            "after flashing it leaves the CAN bus. Make sure that is what you want."
+        ]
+    bitrate = target.can_bitrate or _interface_bitrate(target)
+    if bitrate is None:
+        return [
+            f"Klipper was built for {frequency} bit/s; the CAN interface bitrate could "
+            "not be read to confirm it matches."
+        ]
+    if frequency != bitrate:
+        raise PreflightError(
+            f"This Klipper build runs CAN at {frequency} bit/s, but {target.can_channel} "
+            f"runs at {bitrate} bit/s.",
+            cause="After flashing, the node would be deaf on this bus (and could not be "
+            "asked to enter Katapult again).",
+            hint=f"Rebuild Klipper with 'CAN bus speed' = {bitrate}, or change the "
+            "interface bitrate. Nothing was sent to the board.",
+        )
+    return []
+
+
+def _interface_bitrate(target: Target) -> Optional[int]:
+    if target.can_interface != "socketcan":
+        return None
+    try:
+        from ..links import can_diagnostics
+
+        return can_diagnostics.read_facts(
+            target.can_channel, reader=target.options.get("can_facts")
+        ).bitrate
+    except Exception:
+        return None
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> KatapultFlasher:

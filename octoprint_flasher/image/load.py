@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import ImageError
-from . import prusa_hex, uf2
+from . import cortex_m, prusa_hex, uf2
 from .dfuse_file import parse_dfuse
 from .intel_hex import parse_hex, refuse_avr_extra_sections
 from .model import REBUILD_HINT, FirmwareImage
-from .raw_bin import load_bin
+from .raw_bin import check_address, load_bin
 
 MIB = 1024 * 1024
 DEFAULT_MAX_SIZE = 16 * MIB
@@ -107,7 +107,9 @@ def load_bytes(
         if base_address is not None:
             image.notes.append("A DfuSe file carries its own addresses; --address ignored.")
     else:
-        image = load_bin(data, name, sha, base_address)
+        image = cortex_m.place(load_bin(data, name, sha, None), base_address)
+        if base_address is not None:
+            check_address(name, base_address, image.size)
     if not image.segments:
         raise ImageError(
             f"{name} contains no firmware data.",

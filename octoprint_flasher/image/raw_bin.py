@@ -46,9 +46,14 @@ def load_bin(data: bytes, name: str, sha: str, base_address: Optional[int]) -> F
             "application start unless you give an address."
         )
         return FirmwareImage([Segment(0, data)], name, "bin", sha, notes, address_given=False)
-    if base_address < 0 or base_address + len(data) > 1 << 32:
+    check_address(name, base_address, len(data))
+    return FirmwareImage([Segment(base_address, data)], name, "bin", sha, notes)
+
+
+def check_address(name: str, address: int, size: int) -> None:
+    """Refuse a load address that puts the image outside the 32-bit address space."""
+    if address < 0 or address + size > 1 << 32:
         raise ImageError(
-            f"{name}: address 0x{base_address:X} is outside the 32-bit address space.",
+            f"{name}: address 0x{address:X} is outside the 32-bit address space.",
             hint="Give the application start address, e.g. 0x08008000.",
         )
-    return FirmwareImage([Segment(base_address, data)], name, "bin", sha, notes)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import os
 import re
 import threading
 import time
@@ -422,6 +423,8 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
     @octoprint.plugin.BlueprintPlugin.route("/upload", methods=["POST"])
     @Permissions.PLUGIN_FLASHER_FLASH.require(403)
     def upload(self) -> Any:
+        from .. import methods
+        from ..image import cortex_m
         from ..preflight import check_offline
 
         suffixes = self._settings.global_get(["server", "uploads"]) or {}
@@ -460,8 +463,15 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
             )
             if not self._job.running:  # never pull an image from under a running flash
                 prune_uploads(self._store)
-            image = self._store.load_image(stored.id)
+            image = cortex_m.place(self._store.load_image(stored.id), target.address)
             report = check_offline(image, mcu_name=target.mcu, method=target.method)
+            if report.ok:  # the method's own image checks, as the job runs them before touching
+                try:
+                    report.warnings += methods.check_image(target, image)
+                except FlashError as exc:
+                    report.fail(exc)
+            if image.address_given:
+                report.facts["written_at"] = f"0x{image.start:08X}"
         except FlashError as exc:
             return error_response(exc, status_for(exc))
         return flask.jsonify({"image": image_json(stored), "preflight": report_json(report)})
@@ -486,6 +496,9 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
                     "bootloader offset.",
                 )
             self._require_image(image_id)
+            target.printer_port = bool(data.get("printer_board")) or self._is_printer_port(
+                target.port
+            )
             backup = data.get("backup")
             if backup is None:
                 backup = bool(self._settings.get_boolean(["backup_before_flash"]))
@@ -493,6 +506,16 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
         except FlashError as exc:
             return error_response(exc, status_for(exc))
         return flask.jsonify({"status": self._job.status()}), 202
+
+    def _is_printer_port(self, port: Optional[str]) -> bool:
+        """Whether ``port`` is the printer's own: the port OctoPrint is connected to, or the one
+        it connects to by default. Only then does a flash disconnect the printer."""
+        if not port:
+            return False
+        ours = [self._printer.get_current_connection()[1]]
+        ours.append(self._settings.global_get(["serial", "port"]))
+        real = os.path.realpath(port)
+        return any(p and (p == port or os.path.realpath(str(p)) == real) for p in ours)
 
     @octoprint.plugin.BlueprintPlugin.route("/cancel", methods=["POST"])
     @Permissions.PLUGIN_FLASHER_FLASH.require(403)

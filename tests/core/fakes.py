@@ -43,6 +43,8 @@ class FakeBoard:
     method: str = "stk500v1"
     flash: bytearray = field(default_factory=bytearray)
     in_bootloader: bool = False
+    # found waiting in its bootloader (ROM DFU, Katapult without application): not entered by us
+    found_in_bootloader: bool = False
     # fault switches
     fail_open: bool = False
     fail_identify: bool = False
@@ -84,6 +86,7 @@ class FakeFlasher(Flasher):
 
     def identify(self) -> TargetInfo:
         self.board.calls.append("identify")
+        self.entered_from_app = not (self.board.found_in_bootloader or self.board.in_bootloader)
         self.board.in_bootloader = True
         if self.board.fail_identify:
             raise ConnectError("No answer from the bootloader.", hint="Press reset.")
@@ -151,11 +154,12 @@ class FakeFlasher(Flasher):
         progress(Progress(STAGE_READING, size, size))
         return FirmwareImage([Segment(b.app_start, data)], "backup", "bin")
 
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         self.board.calls.append("leave")
         if self.board.fail_leave:
             raise ProtocolError("LEAVE_PROGMODE got no reply.")
         self.board.in_bootloader = False
+        return None
 
     def close(self) -> None:
         self.board.calls.append("close")

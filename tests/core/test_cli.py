@@ -83,7 +83,7 @@ def test_full_flash_through_a_fake_board_exits_0_and_shows_progress(
         ["flash", str(MARLIN), "--port", "/dev/ttyFAKE", "--mcu", "m1284p"], tmp_path
     )
     assert code == 0, err
-    assert "Firmware written and verified. 116992 bytes verified in" in out
+    assert "Firmware written and verified by reading it back. 116992 bytes verified in" in out
     assert "writing" in err and "100.0%" in err
     assert board.content(0, 116932) == loaders.load(MARLIN).to_bytes()
     # the CLI keeps history but not the uploaded copy

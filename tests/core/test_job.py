@@ -90,7 +90,7 @@ def make_job(
     return FlashJob(store, host, rec, opener=opener_for(board), **kw), host, rec
 
 
-TARGET = Target(method="stk500v1", port="/dev/ttyUSB0", mcu="atmega1284p")
+TARGET = Target(method="stk500v1", port="/dev/ttyUSB0", mcu="atmega1284p", printer_port=True)
 
 
 def test_success_writes_verifies_reconnects_and_forgets_the_upload(

@@ -144,18 +144,31 @@ def test_hex_start_address_records_are_noted_not_written() -> None:
     assert any("0x08000101" in n for n in image.notes)
 
 
-def test_bin_without_address_must_be_placed_by_the_flasher() -> None:
-    image = loaders.load(DATA / "small_stm32.bin")
-    assert image.kind == "bin" and not image.address_given
+def test_a_cortex_m_bin_places_itself_at_the_address_its_vector_table_names() -> None:
+    image = loaders.load(DATA / "small_stm32.bin")  # reset handler 0x08008101
+    assert image.kind == "bin" and image.address_given and image.start == 0x08008000
+    assert image.extra["link_base"] == 0x08008000
+    assert any("Placed at 0x08008000" in n for n in image.notes)
+    assert image.to_bytes() == (DATA / "small_stm32.bin").read_bytes()
+
+
+def test_a_bin_without_a_vector_table_waits_for_the_board_to_place_it() -> None:
+    image = loaders.load_bytes(bytes(range(256)) * 8, "avr.bin")
+    assert not image.address_given
     assert any("application start" in n for n in image.notes)
     placed = image.placed_at(0x08008000)
     assert placed.address_given and placed.start == 0x08008000
-    assert placed.to_bytes() == (DATA / "small_stm32.bin").read_bytes()
 
 
-def test_bin_with_address_is_placed_there() -> None:
-    image = loaders.load(DATA / "small_stm32.bin", base_address=0x08002000)
-    assert image.address_given and image.start == 0x08002000 and image.size == 2048
+def test_an_explicit_address_that_agrees_with_the_vector_table_is_taken() -> None:
+    image = loaders.load(DATA / "small_stm32.bin", base_address=0x08008000)
+    assert image.address_given and image.start == 0x08008000 and image.size == 2048
+
+
+def test_an_explicit_address_that_disagrees_with_the_vector_table_is_refused() -> None:
+    with pytest.raises(ImageError) as err:
+        loaders.load(DATA / "small_stm32.bin", base_address=0x08002000)
+    assert "linked for 0x08008000, but the address 0x08002000 was given" in err.value.message
 
 
 def test_plain_dfu_suffix_on_a_bin_is_stripped_and_noted() -> None:

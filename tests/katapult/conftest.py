@@ -7,7 +7,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from octoprint_flasher.image.model import FirmwareImage, image_from_bytes
+from octoprint_flasher.image.load import load_bytes
+from octoprint_flasher.image.model import FirmwareImage
 from octoprint_flasher.target import Target
 from tests.emulators.katapult_node import EmulatedBoard, UsbWorld, virtual_bus_factory
 
@@ -23,10 +24,8 @@ FAST = {
 
 
 def as_bin(data: bytes, name: str = "klipper.bin") -> FirmwareImage:
-    """A raw .bin as the loader returns it: no address of its own."""
-    img = image_from_bytes(data, 0, filename=name)
-    img.address_given = False
-    return img
+    """A raw .bin as an upload loads: placed at the address its vector table names."""
+    return load_bytes(data, name)
 
 
 @pytest.fixture

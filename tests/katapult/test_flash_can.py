@@ -117,18 +117,18 @@ def test_h723_sector_erase_and_block_size(make_board: MakeBoard, world: UsbWorld
 # -- the seed: canboot.bin flashed through Katapult ----------------------------------------
 
 
-def test_seed_canboot_bin_is_refused_and_nothing_is_written(
+def test_seed_canboot_bin_is_refused_before_the_running_node_is_touched(
     make_board: MakeBoard, world: UsbWorld
 ) -> None:
-    board = make_board(firmware="katapult").start()
-    flasher = methods.open_flasher(can_target(board, world))
-    info = flasher.identify()
+    """The seed's mistake: canboot.bin for a node that runs Klipper. The file alone says it is
+    the bootloader, so the node is never asked to reboot (klippy would shut down on that)."""
+    board = make_board(firmware="klipper").start()
     with pytest.raises(PreflightError) as err:
-        flasher.check(as_bin(make_katapult_bin(), "canboot.bin"), info)
-    flasher.close()
+        methods.check_image(can_target(board, world), as_bin(make_katapult_bin(), "canboot.bin"))
     text = str(err.value)
     assert "Katapult bootloader itself" in text
     assert "reboot in a loop" in text and "deployer.bin" in text
+    assert board.mode == "klipper" and "katapult running" not in board.events
     assert board.flash.programs == 0
 
 
@@ -166,38 +166,51 @@ def test_seed_board_boot_looping_after_canboot_bin_explains_the_silence(
 
 def test_deployer_bin_passes_with_a_warning(make_board: MakeBoard, world: UsbWorld) -> None:
     board = make_board(firmware="katapult").start()
-    flasher = methods.open_flasher(can_target(board, world))
-    warnings = flasher.check(as_bin(make_deployer_bin(), "deployer.bin"), flasher.identify())
-    flasher.close()
+    target = can_target(board, world)
+    warnings = methods.check_image(target, as_bin(make_deployer_bin(), "deployer.bin"))
     assert any("deployer" in w for w in warnings)
+    flasher = methods.open_flasher(target)
+    assert flasher.check(as_bin(make_deployer_bin(), "deployer.bin"), flasher.identify()) == []
+    flasher.close()
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        (make_klipper_bin(linked_at=0x08000000), "reset vector"),  # "No bootloader" build
-        (make_klipper_bin(linked_at=0x08008000, size=SMALL), "reset vector"),  # 32 KiB offset
+        (make_klipper_bin(linked_at=0x08000000), "linked for 0x08000000"),  # no bootloader
+        (make_klipper_bin(linked_at=0x08008000, size=SMALL), "linked for 0x08008000"),  # 32 KiB
         (make_klipper_bin("stm32f446xx"), "for stm32f446xx, but the board is stm32g0b1xx"),
-        (make_klipper_bin(canbus_frequency=500000), "500000 bit/s"),
     ],
-    ids=["no-bootloader-build", "32k-offset-build", "wrong-mcu", "wrong-can-speed"],
+    ids=["no-bootloader-build", "32k-offset-build", "wrong-mcu"],
 )
-def test_preflight_refusals(
+def test_board_check_refusals_leave_nothing_written(
     make_board: MakeBoard, world: UsbWorld, data: bytes, message: str
 ) -> None:
     board = make_board(firmware="katapult").start()
-    flasher = methods.open_flasher(can_target(board, world))
+    target = can_target(board, world)
+    methods.check_image(target, as_bin(data))  # the file alone cannot tell
+    flasher = methods.open_flasher(target)
     with pytest.raises(PreflightError, match=message):
         flasher.check(as_bin(data), flasher.identify())
     flasher.close()
     assert board.flash.programs == 0
 
 
+def test_a_build_for_another_can_bitrate_is_refused_from_the_file_alone(
+    make_board: MakeBoard, world: UsbWorld
+) -> None:
+    board = make_board(firmware="klipper").start()
+    with pytest.raises(PreflightError, match="500000 bit/s"):
+        methods.check_image(
+            can_target(board, world), as_bin(make_klipper_bin(canbus_frequency=500000))
+        )
+    assert board.mode == "klipper" and "katapult running" not in board.events
+
+
 def test_usb_build_onto_a_can_node_warns(make_board: MakeBoard, world: UsbWorld) -> None:
     board = make_board(firmware="katapult").start()
-    flasher = methods.open_flasher(can_target(board, world))
-    warnings = flasher.check(as_bin(make_klipper_bin(canbus_frequency=None)), flasher.identify())
-    flasher.close()
+    target = can_target(board, world)
+    warnings = methods.check_image(target, as_bin(make_klipper_bin(canbus_frequency=None)))
     assert any("leaves the CAN bus" in w for w in warnings)
 
 

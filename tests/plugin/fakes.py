@@ -104,8 +104,9 @@ class FakeFlasher(Flasher):
         progress(Progress("reading", APP_END, APP_END))
         return FirmwareImage([Segment(0, bytes(self.board.flash[:APP_END]))], "backup", "bin")
 
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         self.board.in_bootloader = False
+        return None
 
     def close(self) -> None:
         self.board.port_open = False

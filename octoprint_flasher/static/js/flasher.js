@@ -37,6 +37,8 @@ $(function () {
         self.address = ko.observable("");
         self.allowBootloader = ko.observable(false);
         self.backup = ko.observable(false);
+        self.quick = ko.observable(false);
+        self.printerBoard = ko.observable(false);
 
         // -- file and verdict
         self.fileName = ko.observable("");
@@ -94,7 +96,16 @@ $(function () {
             if ((self.mcu() || "").trim()) t.mcu = self.mcu().trim();
             if ((self.address() || "").trim()) t.address = self.address().trim();
             if (self.allowBootloader()) t.allow_bootloader_erase = true;
+            if (self.quick()) t.quick = true;
             return t;
+        });
+        // the printer is disconnected only for its own board: its port, or the user says so
+        self.isPrinterPort = ko.pureComputed(function () {
+            var dev = self.findDevice(self.selectedDevice());
+            return !!(dev && dev.printer && !(self.manualPort() || "").trim());
+        });
+        self.isPrinterTarget = ko.pureComputed(function () {
+            return self.isPrinterPort() || self.printerBoard();
         });
         self.targetJson = ko.pureComputed(function () {
             return JSON.stringify(self.target());
@@ -351,9 +362,9 @@ $(function () {
                     file: self.image().filename,
                     target: t.port || t.uuid || t.usb || t.usb_path || t.method
                 }),
-                gettext(
-                    "The printer is disconnected while flashing and reconnected afterwards."
-                )
+                self.isPrinterTarget()
+                    ? gettext("The printer is disconnected while flashing and reconnected afterwards.")
+                    : gettext("The printer stays connected: this board is not the printer's.")
             ];
             _.each(p.warnings || [], function (w) {
                 lines.push(gettext("Warning:") + " " + w);
@@ -383,7 +394,8 @@ $(function () {
                 image_id: self.image().id,
                 target: self.target(),
                 confirm: !!confirmed,
-                backup: !!self.backup()
+                backup: !!self.backup(),
+                printer_board: !!self.printerBoard()
             };
             self.postJson("flash", body, gettext("Flash"));
         };
@@ -453,6 +465,12 @@ $(function () {
             self.rate(p.rate || 0);
             self.eta(p.eta === undefined ? null : p.eta);
         };
+        self.boardStateText = function (state) {
+            if (state === "bootloader")
+                return gettext("The board is waiting in its bootloader: the next Flash goes straight to it.");
+            if (state === "untouched") return gettext("No board was touched.");
+            return "";
+        };
         self.applyResult = function (r) {
             var error = r.error || {};
             var ok = r.result === "success" || r.ok === true;
@@ -464,8 +482,11 @@ $(function () {
                     error.message ||
                     (ok ? gettext("Firmware flashed and verified.") : gettext("The flash failed.")),
                 cause: r.cause || error.cause || "",
-                hint: r.hint || error.hint || "",
+                // the job adds where the board stays to both the message and the hint
+                hint: (r.hint || error.hint || "").replace(r.board_message || "\u0000", "").trim(),
                 warnings: r.warnings || [],
+                board: self.boardStateText(r.board_state),
+                confirmation: r.confirmation || "",
                 details: r
             });
             if (ok) self.percent(100);
