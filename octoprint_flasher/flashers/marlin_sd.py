@@ -661,11 +661,11 @@ class MarlinSdFlasher(Flasher):
                 )
         self._started = False
 
-    def _ask_m115(self) -> Optional[bft.MarlinReport]:
+    def _ask_m115(self, patience: float) -> Optional[bft.MarlinReport]:
         """M115 until it answers (the banner and the card mount come first), or None."""
         if self.session is None:
             return None
-        deadline = time.monotonic() + max(5.0, _opt(self.target, "gcode_timeout"))
+        deadline = time.monotonic() + patience
         while time.monotonic() < deadline:
             try:
                 lines = self.session.command("M115", 1.0)
@@ -688,7 +688,10 @@ class MarlinSdFlasher(Flasher):
     def _confirm(
         self, expected: Optional[BinInfo], old_name: str, naming: Naming, size: int
     ) -> None:
-        new = self._ask_m115() if self.port else None
+        # Klipper answers no G-code: one short try only shows whether the old Marlin remained
+        klipper = expected is not None and expected.kind == "klipper"
+        patience = 1.5 if klipper else max(5.0, _opt(self.target, "gcode_timeout"))
+        new = self._ask_m115(patience) if self.port else None
         want = expected.firmware_name if expected else ""
         renamed = False
         if new is not None and naming.renamed_to:

@@ -567,8 +567,7 @@ class BftSession:
         size = min(block_size or self.buffer_size, self.buffer_size)
         self.stats.block_size = size
         pos = 0
-        window_start_resends = self.stats.resends + self.stats.timeouts
-        window_packets = 0
+        since = self.stats.resends + self.stats.timeouts  # failures at the last size change
         while pos < len(data):
             between_blocks()
             chunk = data[pos : pos + size]
@@ -577,16 +576,13 @@ class BftSession:
             self.check_write_errors()
             pos += len(chunk)
             progress(pos)
-            window_packets += 1
-            failures = self.stats.resends + self.stats.timeouts - window_start_resends
+            failures = self.stats.resends + self.stats.timeouts - since
             if failures >= self.resends_before_smaller and size > SMALL_BLOCK:
                 size = max(SMALL_BLOCK, size // 2)
+                since += failures
                 self.stats.block_size = size
                 self.stats.smaller_blocks += 1
-                self.log(f"{failures} resends in {window_packets} packets: blocks of {size} B")
-            if window_packets >= 64:
-                window_packets = 0
-                window_start_resends = self.stats.resends + self.stats.timeouts
+                self.log(f"{failures} resends: sending blocks of {size} B from now on")
 
     def pulse_pft(self) -> None:
         """Collect lines that already arrived, without waiting (a late ``PFT:ioerror``)."""

@@ -67,7 +67,12 @@ def make_marlin_bin(
         f"PROTOCOL_VERSION:1.0 MACHINE_TYPE:{machine} EXTRUDER_COUNT:1 UUID:"
     ).encode() + b"\0"
     body_len = size - len(vectors) - len(literal)
-    body = bytes(0 if rng.random() < 0.2 else rng.getrandbits(8) for _ in range(body_len))
+    words = [rng.getrandbits(32).to_bytes(4, "little") for _ in range(96)]
+    parts = []
+    for _ in range(body_len // 4 + 1):  # Thumb-like: a vocabulary of words, many zeros
+        roll = rng.random()
+        parts.append(b"\0\0\0\0" if roll < 0.15 else words[int(roll * 1000) % 96])
+    body = b"".join(parts)[:body_len]
     half = min(body_len // 2, 8000)
     data = vectors + body[:half] + literal + body[half:]
     return _mks(data) if mks_encrypt else data
@@ -247,8 +252,8 @@ class MarlinPrinter:
         self.state_after_boot = "marlin"
         self._last_file_packet = 0.0
         self._next_idle_check = 0.0
-        self._busy_until = 0.0  # real time until which the card write blocks the main loop
-        self._ring_fill = 0
+        self._busy_bytes = 0  # bytes that will arrive while a card write blocks the loop
+        self._ring_left = 0
         self._rx_offset = 0
         self._sectors = 0
         self.selected: Optional[str] = None
@@ -355,28 +360,30 @@ class MarlinPrinter:
                 self._idle()
 
     def _receive(self, data: bytes) -> None:
-        """Bytes arrive one byte time apart; while the card write blocks the main loop only
-        ``rx_buffer`` of them fit into the UART ring and the rest are lost."""
+        """Bytes arrive one byte time apart (USB: one transfer). The host could start
+        sending as soon as our last line reached it, so arrival is credited back to then.
+        While a card write blocks the main loop, the UART ring holds ``rx_buffer`` bytes and
+        the bytes after them that arrive during the write are lost (Marlin #21326)."""
         if self.record:
             self.stats.transcript.append((">", data))
         now = time.perf_counter()
-        arrival = max(now, self._line_free_rx)
-        per = self._seconds(self._byte_time(1)) if self.transport == "uart" else 0.0
-        if self.transport == "usb":
-            arrival += self._seconds(self._byte_time(len(data)))
+        if self.transport == "uart":
+            per = self._seconds(self._byte_time(1))
+            span = len(data) * per
+        else:
+            per, span = 0.0, self._seconds(self._byte_time(len(data)))
+        start = max(now - span, self._line_free, self._line_free_rx)
         kept = bytearray()
-        for i, byte in enumerate(data):
-            t = arrival + (i + 1) * per
-            if self.binary and self.rx_buffer is not None and t < self._busy_until:
-                if self._ring_fill >= self.rx_buffer:
+        for byte in data:
+            if self.binary and self.rx_buffer is not None and self._busy_bytes > 0:
+                self._busy_bytes -= 1
+                if self._ring_left <= 0:
                     self.stats.rx_ring_drops += 1
                     continue
-                self._ring_fill += 1
+                self._ring_left -= 1
             kept.append(byte)
-        self._line_free_rx = arrival + len(data) * per
+        self._line_free_rx = start + span
         self._sleep_until(self._line_free_rx)
-        if self._busy_until and time.perf_counter() >= self._busy_until:
-            self._ring_fill = 0
         for byte in kept:
             if self.binary:
                 self._binary_byte(byte)
@@ -735,16 +742,18 @@ class MarlinPrinter:
             self._file_data = self._file_data[:limit]
             self.emit("PFT:ioerror")
             return
-        # the card write blocks the main loop once per 512-byte sector; every 8th sector
+        # the card write blocks the main loop once per 512-byte sector; every 16th sector
         # also updates the FAT (cluster allocation), which takes far longer
         sectors = len(self._file_data) // 512 - before // 512
         busy = 0.0
         for _ in range(sectors):
             self._sectors += 1
-            busy += 0.025 if self._sectors % 8 == 0 else 0.002
+            busy += 0.012 if self._sectors % 16 == 0 else 0.0015
         if busy:
-            self._busy_until = max(time.perf_counter(), self._line_free) + self._seconds(busy)
-            self._ring_fill = 0
+            if self.transport == "uart":
+                self._busy_bytes = int(busy / self._byte_time(1))
+                self._ring_left = self.rx_buffer or 0
+            self._sleep_until(max(time.perf_counter(), self._line_free) + self._seconds(busy))
 
     def _close_file(self) -> None:
         if self._file is None:

@@ -175,7 +175,7 @@ def test_klipper_image_is_flashed_and_reported_as_not_confirmed(
 ) -> None:
     printer = make_printer(family="creality", machine="Ender-3 V2")
     data = make_klipper_bin(mcu="stm32f103xe", app_start=0x08007000, size=16 * 1024)
-    run = flash(printer, data, come_back_timeout=3.0)
+    run = flash(printer, data, come_back_timeout=1.0, gcode_timeout=0.5)
     assert printer.state == "klipper"
     assert run.flasher.verified_by == "not-confirmed"
     assert "no longer answers G-code" in run.flasher.confirmation
