@@ -32,6 +32,7 @@ from ..flasher import (
     TargetInfo,
     no_progress,
 )
+from ..image.klipper import klipper_build
 from ..image.model import FirmwareImage, Segment
 from ..links import usb_device
 from ..protocols import dfuse
@@ -300,6 +301,14 @@ class DfuFlasher(Flasher):
                     f"The image's reset vector (0x{reset:08X}) points outside the image: it was "
                     f"built for 0x{linked:08X}, not 0x{image.start:08X}. It will not start."
                 )
+        build = klipper_build(image.to_bytes())
+        if build is not None and build.mcu and chips.chip_matches(build.mcu, target.chip) is False:
+            raise PreflightError(
+                f"This Klipper build is for {build.mcu}, but the board is {target.chip}.",
+                cause="The wrong 'Processor model' was selected in make menuconfig, or this is "
+                "another board's file.",
+                hint=f"Rebuild Klipper for {target.chip}.",
+            )
         sectors = self._sectors(image)
         risk = self._bootloader_risk(image, sectors)
         if risk:
@@ -762,6 +771,23 @@ class DfuFlasher(Flasher):
         self._closed = True
         self._release()
         self.session = None
+
+
+def check_image(image: FirmwareImage, target: Target) -> list[str]:
+    """What the file alone tells: a Klipper build names its MCU in its data dictionary, which
+    must be the chip the user (or discovery) named. The layout checks need the board."""
+    build = klipper_build(image.to_bytes()) if image.segments else None
+    if build is None or not build.mcu or not target.mcu:
+        return []
+    if chips.chip_matches(build.mcu, target.mcu) is False:
+        raise PreflightError(
+            f"This Klipper build is for {build.mcu}, but the board is {target.mcu}.",
+            cause="The wrong 'Processor model' was selected in make menuconfig, or this is "
+            "another board's file.",
+            hint=f"Rebuild Klipper for {target.mcu}. Nothing was written; the board stays in "
+            "DFU mode.",
+        )
+    return []
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Flasher:

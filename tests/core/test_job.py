@@ -471,3 +471,49 @@ def test_status_and_events_are_json_even_with_odd_flasher_details(
     doc = json.loads(json.dumps(job.status()))
     assert doc["result"]["target_info"]["details"]["signature"] == "1e9705"
     json.dumps([e.data for e in rec.events])
+
+
+# -- issue 10: who is touched, and where the board is left -----------------------------------
+
+
+def test_flashing_another_board_leaves_the_printer_connected(store: Store, image_id: str) -> None:
+    board = FakeBoard()
+    job, host, _ = make_job(store, board)
+    other = Target(method="stk500v1", port="/dev/ttyACM1", mcu="atmega1284p")
+    result = job.run(image_id, other)
+    assert result.ok and host.calls == [] and result.reconnected is None
+
+
+def test_an_image_refused_by_its_own_checks_touches_neither_printer_nor_board(
+    store: Store, tmp_path: Path
+) -> None:
+    arm = store.add_image(write_hex(tmp_path / "arm.tmp", APP, 0x08008000), "klipper.hex")
+    board = FakeBoard()
+    job, host, _ = make_job(store, board)
+    result = job.run(arm.id, TARGET)
+    assert result.status == "failed" and result.board_state == "untouched"
+    assert host.calls == [] and board.calls == []
+    assert "no board was touched" in result.message
+
+
+def test_a_board_found_in_its_bootloader_stays_there_after_a_refusal(
+    store: Store, image_id: str
+) -> None:
+    board = FakeBoard(found_in_bootloader=True, fail_check=True)
+    job, _, _ = make_job(store, board)
+    result = job.run(image_id, TARGET)
+    assert result.status == "failed" and result.board_state == "bootloader"
+    assert "leave" not in board.calls and board.in_bootloader
+    assert "still waiting in its bootloader" in result.message
+    assert result.reconnected is None  # a printer host would reset or confuse the bootloader
+
+
+def test_a_board_entered_from_its_application_is_sent_home_after_a_refusal(
+    store: Store, image_id: str
+) -> None:
+    board = FakeBoard(fail_check=True)
+    job, host, _ = make_job(store, board)
+    result = job.run(image_id, TARGET)
+    assert result.board_state == "application" and "leave" in board.calls
+    assert "sent back to its application" in result.message
+    assert host.calls == ["disconnect", "reconnect"]

@@ -123,3 +123,62 @@ def test_a_repeated_flash_is_quick_by_default_and_full_on_request(
 def test_quick_and_full_cannot_both_be_given(board: DfuBackend, tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["flash", "x.bin", "--quick", "--full"])
+
+
+# -- issue 10: refuse before touching, leave the board where it was found --------------------
+
+
+def test_a_blank_board_takes_a_bin_linked_for_the_flash_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The demo's first DFU try: a blank F446 in ROM DFU and a Klipper .bin built with no
+    bootloader. The file places itself at 0x08000000 and the board has nothing there to protect."""
+    global _BACKEND
+    blank = make_board("STM32F446")
+    _BACKEND = blank.backend
+    monkeypatch.setenv(usb_device.ENV_BACKEND, f"{__name__}:shared_backend")
+    monkeypatch.setenv(cli.ENV_HOME, str(tmp_path / "home"))
+    usb_device._ENV_CACHE.clear()
+    data = klipper_like(0x08000000, 16 * 1024)
+    firmware = tmp_path / "klipper-stm32f446-dfu.bin"
+    firmware.write_bytes(data)
+    code, out, err = run("info", str(firmware))
+    assert code == 0 and "0x08000000" in out, out + err
+    code, out, err = run("flash", str(firmware), "--method", "dfu", "--usb", "0483:df11")
+    assert code == 0, err
+    assert "16384 bytes verified" in out
+    assert blank.dev.read_flash(0x08000000, len(data)) == data
+    assert blank.dev.left_to == 0x08000000
+
+
+def test_a_refused_image_leaves_the_board_waiting_in_dfu(board: DfuBackend, tmp_path: Path) -> None:
+    """A build for 0x08000000 over the board's bootloader is refused, and the board stays in
+    ROM DFU (it is not sent to its application), so the right file flashes next without
+    touching the BOOT0 jumper."""
+    dev = board.devices[0]
+    before = dev.read_flash(0x08000000, 0x20000)
+    wrong = tmp_path / "no-bootloader.bin"
+    wrong.write_bytes(klipper_like(0x08000000, 16 * 1024))
+    code, _out, err = run("flash", str(wrong), "--method", "dfu", "--usb", "0483:df11")
+    assert code == 4, err
+    assert "bootloader" in err and "still waiting in its bootloader" in err
+    assert dev.left_to is None and dev.read_flash(0x08000000, 0x20000) == before
+    right = tmp_path / "klipper.bin"
+    right.write_bytes(klipper_like(0x08008000, 16 * 1024, seed=2))
+    code, out, err = run("flash", str(right), "--method", "dfu", "--usb", "0483:df11")
+    assert code == 0, err
+    assert dev.left_to == 0x08008000
+
+
+def test_an_address_that_disagrees_with_the_vector_table_is_refused_before_the_board_is_opened(
+    board: DfuBackend, tmp_path: Path
+) -> None:
+    dev = board.devices[0]
+    firmware = tmp_path / "klipper.bin"
+    firmware.write_bytes(klipper_like(0x08008000, 8 * 1024))
+    code, _out, err = run(
+        "flash", str(firmware), "--method", "dfu", "--usb", "0483:df11", "--address", "0x08004000"
+    )
+    assert code != 0
+    assert "linked for 0x08008000, but the address 0x08004000 was given" in err
+    assert dev.requests == [] and dev.left_to is None

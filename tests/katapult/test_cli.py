@@ -116,3 +116,72 @@ def test_child_process_reaches_the_demo_node_through_the_env_hook(tmp_path: Path
     assert "RESULT 0 True" in proc.stdout, proc.stderr
     detected = json.loads(proc.stdout.splitlines()[0])
     assert any(d["kind"] == "can" and d["details"]["app"] == "Klipper" for d in detected["devices"])
+
+
+# -- issue 10: refuse before touching, leave the node where it was found ---------------------
+
+
+def _flash(board: EmulatedBoard, firmware: Path, home: Path) -> tuple[int, str, str]:
+    return run_cli(
+        "--data-dir", str(home),
+        "flash", str(firmware),
+        "--method", "katapult",
+        "--can-interface", "virtual",
+        "--can-channel", board.channel,
+        "--uuid", board.uuid_text,
+    )  # fmt: skip
+
+
+def test_canboot_bin_for_a_node_running_klipper_is_refused_before_the_node_is_rebooted(
+    make_board: MakeBoard, tmp_path: Path
+) -> None:
+    """Seed 001: the file alone says it is the bootloader, so Klipper keeps running (a
+    printer's klippy would shut down if its toolhead rebooted)."""
+    from tests.emulators.klipper_firmware import make_katapult_bin
+
+    board = make_board(firmware="klipper")
+    board.install_app(make_klipper_bin(seed=2))
+    board.start()
+    firmware = tmp_path / "canboot.bin"
+    firmware.write_bytes(make_katapult_bin())
+    code, _out, err = _flash(board, firmware, tmp_path / "home")
+    assert code == 4, err
+    assert "is the Katapult bootloader itself" in err and "Nothing was sent to the board" in err
+    assert board.mode == "klipper" and not any("reboot" in e for e in board.events)
+    assert board.flash.programs == 0
+
+
+def test_a_node_found_in_katapult_without_an_application_stays_there_after_a_refusal(
+    make_board: MakeBoard, tmp_path: Path
+) -> None:
+    """The seed board after canboot.bin went in through DFU: Katapult with an empty application
+    area. A refused file must not send COMPLETE (it would jump into blank flash); the right file
+    then flashes with nothing restarted."""
+    board = make_board(firmware="katapult").start()
+    wrong = tmp_path / "klipper-32k.bin"
+    wrong.write_bytes(make_klipper_bin(linked_at=0x08008000, size=8192))
+    code, _out, err = _flash(board, wrong, tmp_path / "home")
+    assert code == 4, err
+    assert "linked for 0x08008000" in err and "still waiting in its bootloader" in err
+    assert board.mode == "katapult" and not any("reboot" in e for e in board.events)
+    right = tmp_path / "klipper.bin"
+    data = make_klipper_bin(size=8192, seed=5)
+    right.write_bytes(data)
+    code, out, err = _flash(board, right, tmp_path / "home")
+    assert code == 0, err
+    assert board.app_bytes(8192) == data and board.mode == "klipper"
+    assert "Klipper answers on the CAN bus" in out
+
+
+def test_a_node_entered_from_klipper_is_sent_home_after_a_board_check_refusal(
+    make_board: MakeBoard, tmp_path: Path
+) -> None:
+    board = make_board(firmware="klipper")
+    board.install_app(make_klipper_bin(seed=2))
+    board.start()
+    wrong = tmp_path / "klipper-for-f446.bin"
+    wrong.write_bytes(make_klipper_bin(linked_at=0x08008000, size=8192))
+    code, _out, err = _flash(board, wrong, tmp_path / "home")
+    assert code == 4, err
+    assert "sent back to its application" in err
+    assert "reboot -> app" in board.events and board.flash.programs == 0
