@@ -203,3 +203,18 @@ def test_python_dash_m_runs_the_same_cli(tmp_path: Path) -> None:
 
 def test_unsupported_error_maps_to_exit_3() -> None:
     assert cli.exit_code_for(UnsupportedError("x").to_dict()) == cli.EXIT_UNSUPPORTED
+
+
+def test_info_refuses_data_at_an_address_that_is_flash_on_no_chip(tmp_path: Path) -> None:
+    """A record at 0x40000000 (peripherals) cannot be written to any board, target or not."""
+    peripheral = tmp_path / "ram.hex"
+    peripheral.write_text(":020000044000BA\n:04000000DEADBEEFC4\n:00000001FF\n")
+    code, out, err = run(["info", str(peripheral)], tmp_path)
+    assert code == 4
+    assert "0x40000000-0x40000003, which is program flash on no supported chip" in out + err
+
+
+def test_info_shows_where_a_bin_will_really_be_written(tmp_path: Path) -> None:
+    code, out, _err = run(["info", str(DATA / "small_stm32.bin")], tmp_path)
+    assert code == 0
+    assert "Range:    0x08008000-0x080087FF" in out and "vector table was linked for" in out
