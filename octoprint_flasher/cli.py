@@ -223,7 +223,6 @@ def target_from_args(args: argparse.Namespace) -> Target:
     if getattr(args, "compress", False):
         target.options["compress"] = True
     target.options["state_dir"] = str(_data_dir(args))  # e.g. Creality's last file names
-    target.options["prompt"] = _terminal_prompt
     if os.environ.get(ENV_USB_BACKEND):
         target.usb_backend = _import_hook(os.environ[ENV_USB_BACKEND])()
     if os.environ.get(ENV_CAN_BUS_FACTORY):
@@ -231,9 +230,13 @@ def target_from_args(args: argparse.Namespace) -> Target:
     return target
 
 
-def _terminal_prompt(message: str) -> None:
+def _terminal_prompt(err: TextIO) -> Callable[[str], None]:
     """The moment the user must act (press the reset button): ring the bell and say so."""
-    print(f"\a>>> {message}", file=sys.stderr, flush=True)
+
+    def prompt(message: str) -> None:
+        print(f"\a>>> {message}", file=err, flush=True)
+
+    return prompt
 
 
 def _data_dir(args: argparse.Namespace) -> Path:
@@ -402,6 +405,7 @@ def _open_via_registry(target: Target, log: Optional[LogCallback] = None) -> Fla
 
 def cmd_flash(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     target = target_from_args(args)
+    target.options["prompt"] = _terminal_prompt(err)
     store = Store(_data_dir(args))
     if args.json:
         listener: Callable[[JobEvent], None] = lambda e: _json_line(  # noqa: E731

@@ -362,7 +362,7 @@ class MarlinSdFlasher(Flasher):
         name = self.report.firmware_name or "unknown firmware"
         return TargetInfo(
             method=METHOD,
-            chip="",
+            chip=self.report.machine or "printer board",
             flash_start=0x08000000,
             flash_size=16 << 20,
             app_start=0x08000000,
@@ -392,7 +392,7 @@ class MarlinSdFlasher(Flasher):
     def check(self, image: FirmwareImage, target: TargetInfo) -> list[str]:
         """The card takes the whole file and the bootloader places it: describe the board
         as owning the image's link range so the generic placement check agrees."""
-        warnings = check_image(image, self.target)
+        check_image(image, self.target)  # its warnings were shown by the job's image check
         info = describe_bin(image.to_bytes())
         if info is not None and info.link_base is not None:
             base = 0x08000000 if info.link_base >= 0x08000000 else 0
@@ -410,7 +410,7 @@ class MarlinSdFlasher(Flasher):
                 "whose bootloader does not decrypt.",
                 hint="Use the plain firmware.bin, or set the family to mks-encrypted.",
             )
-        return warnings[1:]
+        return []
 
     # -- flash --
 

@@ -158,6 +158,7 @@ class Stats:
     writes: int = 0
     idle_aborts: int = 0
     flashes: list[str] = field(default_factory=list)
+    unknown_commands: list[str] = field(default_factory=list)
     resets: int = 0
     transcript: list[tuple[str, bytes]] = field(default_factory=list)
 
@@ -439,6 +440,7 @@ class MarlinPrinter:
             self._reset(from_m997=True)
             return
         if handler is None:
+            self.stats.unknown_commands.append(line)
             self.emit(f'echo:Unknown command: "{line}"')
             self.emit("ok")
             return
