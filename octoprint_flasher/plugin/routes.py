@@ -180,7 +180,10 @@ def target_from_json(
 def apply_transports(target: Target, transports: dict[str, Any]) -> None:
     """Route a target through transports a demo plugin injected, when the target wants them."""
     backend = transports.get("usb_backend")
-    if backend is not None and target.method in ("auto", "dfu") and not target.port:
+    wants_usb = target.method == "picoboot" or (
+        target.method in ("auto", "dfu") and not target.port
+    )
+    if backend is not None and wants_usb:
         target.usb_backend = backend
     factory = transports.get("can_bus_factory")
     if factory is not None and target.method in ("auto", "katapult") and not target.port:
@@ -435,7 +438,7 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
             return error_response(
                 RequestError(
                     gettext("No firmware file was uploaded."),
-                    hint=gettext("Choose a .hex, .bin or .dfu file and upload it again."),
+                    hint=gettext("Choose a .hex, .bin, .dfu or .uf2 file and upload it again."),
                 ),
                 400,
             )

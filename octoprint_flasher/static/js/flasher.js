@@ -86,6 +86,8 @@ $(function () {
             if (manual) {
                 t.port = manual;
             } else if (dev) {
+                // discovery knows the method of boards no probe can tell (RP2040 boot ROM, ...)
+                if (t.method === "auto" && dev.method && dev.kind !== "serial") t.method = dev.method;
                 if (dev.port) t.port = dev.port;
                 if (dev.usb_path) t.usb_path = dev.usb_path;
                 if (dev.kind === "usb-dfu" && dev.usb_id) t.usb = dev.usb_id;
@@ -335,7 +337,7 @@ $(function () {
             if (p.code === "none") return gettext("Choose a firmware file first.");
             if (p.code === "type")
                 return _.sprintf(
-                    gettext("%(ext)s files cannot be flashed: choose a .hex, .bin or .dfu file."),
+                    gettext("%(ext)s files cannot be flashed: choose a .hex, .bin, .dfu or .uf2 file."),
                     {ext: p.ext || gettext("These")}
                 );
             if (p.code === "empty") return gettext("The file is empty.");

@@ -11,7 +11,7 @@
 })(typeof self !== "undefined" ? self : this, function () {
     "use strict";
 
-    var EXTENSIONS = [".hex", ".bin", ".dfu"];
+    var EXTENSIONS = [".hex", ".bin", ".dfu", ".uf2"];
 
     function percent(done, total) {
         if (!total || total <= 0) return 0;
