@@ -170,6 +170,8 @@ class PrusaFlasher(Stk500v2Flasher):
         self.rounds = 0
         self.entered_from_app = False
         self.last_confirmation = ""
+        #: the sentence leave() returns after a flash (the printer seen starting, or not)
+        self._back: Optional[str] = None
 
     def _new_proto(self) -> Stk500v2:
         return PrusaStk500v2(
@@ -402,10 +404,13 @@ class PrusaFlasher(Stk500v2Flasher):
         return result
 
     def leave(self) -> Optional[str]:
+        """After :meth:`flash` the printer already runs its firmware: say whether it was seen
+        starting (once)."""
         if self.in_bootloader:
             self._leave()
             self.in_bootloader = False
-        return None
+        back, self._back = self._back, None
+        return back
 
     # --- pass 2 ------------------------------------------------------------------------------
 
@@ -413,6 +418,7 @@ class PrusaFlasher(Stk500v2Flasher):
         x = Xflash(self.link.ser)
         try:
             x.wait_for_start(timeout)
+            self._back = "The printer restarted with the new firmware (it printed 'start')."
             return "the printer restarted (it printed 'start')"
         except TimeoutError as exc:
             if required:
@@ -484,7 +490,12 @@ class PrusaFlasher(Stk500v2Flasher):
         try:
             x = self._enter_handler(first)
             self.log("Prusa: language handler entered")
-            todo = self._blocks_to_write(x, blocks, progress, cancel)
+            try:
+                todo = self._blocks_to_write(x, blocks, progress, cancel)
+            except XflashError as exc:
+                self.log(f"Prusa: {exc.message}")
+                x = self._recover(x, first)
+                todo = self._blocks_to_write(x, blocks, progress, cancel)
             tries = 0
             while True:
                 try:
@@ -525,8 +536,16 @@ class PrusaFlasher(Stk500v2Flasher):
         try:
             x.wait_for_start(self.start_timeout)
             self.log("Prusa: the printer restarted after the language pass")
+            self._back = (
+                "The printer restarted with the new firmware (it printed 'start'): choose a "
+                "language on the printer; it restarts a few times while it copies it."
+            )
         except TimeoutError:
             self.log("Prusa: no 'start' after the language pass (the catalogs are verified)")
+            self._back = (
+                "The printer printed no 'start' after the language pass (firmware and "
+                "languages are verified): if it stays on the splash screen, power-cycle it."
+            )
 
     def _blocks_to_write(
         self,

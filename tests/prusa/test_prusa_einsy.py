@@ -45,7 +45,11 @@ def flash(b: PrusaEinsy, image: FirmwareImage, **opts: Any) -> FlashResult:
     f = prusa.open_flasher(Target("prusa", port=b.port, options={**FAST, **opts}))
     try:
         f.check(image, f.identify())
-        return f.flash(image)
+        result = f.flash(image)
+        back = f.leave()
+        assert back is not None and "printer restarted" in back
+        assert f.leave() is None  # said once
+        return result
     finally:
         f.close()
 
