@@ -629,7 +629,137 @@ class KatapultFlasher(Flasher):
                     f"Klipper did not announce itself on the bus within {wait:.0f} s "
                     "(normal if klippy already assigned it an id)."
                 )
+            return None
+        if self.transport == "serial":
+            return self._confirm_serial()
         return None
+
+    # -- confirmation over serial ----------------------------------------------------------------
+    def _confirm_serial(self) -> Optional[str]:
+        """After COMPLETE Katapult resets (100 ms), waits its 0.5 s double-reset window and
+        starts the application. Wait until that application is seen: on USB, Klipper's own
+        device 1d50:614e re-enumerating for the same board; on a UART, Klipper answering
+        ``identify`` at its baud. The firmware is written and verified either way, so a board
+        that stays silent gets a sentence saying what to check, never an exception."""
+        wait = float(_opt(self.target, "confirm_seconds", 5.0))
+        if wait <= 0:
+            return None
+        interface = self.build.interface if self.build is not None else None
+        usb = self.katapult_usb is not None
+        if interface == "can":
+            return (
+                "The new build talks CAN, not over this port: check that it answers with "
+                "the CAN query (octoprint-flasher detect --can)."
+            )
+        if interface == "usb-can-bridge":
+            return self._confirm_bridge(wait)
+        if usb and interface == "serial":
+            return (
+                "The new build talks over a UART, not USB, so it cannot be seen on this USB "
+                "port: connect to the board's UART to check that Klipper answers."
+            )
+        if not usb and interface == "usb":
+            return (
+                "The new build talks USB, not over this UART: check that the board shows up "
+                "as Klipper's USB device 1d50:614e."
+            )
+        if usb:
+            if self.serial is not None:
+                self.serial.close()  # the Katapult device is gone once the board resets
+                self.serial = None
+            return self._confirm_usb(wait)
+        return self._confirm_uart(wait)
+
+    def _confirm_usb(self, wait: float) -> str:
+        known = self.katapult_usb
+        location = getattr(known, "location", None)
+        serial = getattr(known, "serial_number", None)
+        before = {getattr(p, "device", None) for p in self._ports()} - {self.port}
+        deadline = time.monotonic() + wait
+        while True:
+            klippers = [p for p in self._ports() if _usb_id(p) == entry.KLIPPER_USB]
+            mine = [p for p in klippers if location and getattr(p, "location", None) == location]
+            mine = mine or [
+                p for p in klippers if serial and getattr(p, "serial_number", None) == serial
+            ]
+            if not mine and not location and not serial:
+                mine = [p for p in klippers if p.device not in before]
+            if mine:
+                self.port = mine[0].device
+                return f"Klipper is back on USB as {mine[0].device} (1d50:614e)."
+            if time.monotonic() >= deadline:
+                where = f" at USB path {location}" if location else ""
+                return (
+                    f"Klipper did not come back on USB (1d50:614e){where} within {wait:.0f} s. "
+                    "The firmware was written and verified; if the board stays silent, the "
+                    "build may not be a Klipper USB build for this board (check 'Communication "
+                    "interface' in make menuconfig), or it crashes at start: double-tap reset "
+                    "to return to Katapult."
+                )
+            time.sleep(0.05)
+
+    def _confirm_bridge(self, wait: float) -> str:
+        channel = self.target.can_channel
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                bridge = self.bridge_finder(channel)
+            except Exception:
+                bridge = None
+            if bridge is not None:
+                return f"Klipper is back as the USB-CAN bridge that owns {channel}."
+            if time.monotonic() >= deadline:
+                return (
+                    f"No Klipper USB-CAN bridge owns {channel} {wait:.0f} s after the flash. "
+                    "The firmware was written and verified; check `ip link show` and the "
+                    "bridge's CAN settings in make menuconfig."
+                )
+            time.sleep(0.05)
+
+    def _confirm_uart(self, wait: float) -> str:
+        baud = (
+            self.build.serial_baud
+            if self.build is not None and self.build.serial_baud
+            else (self.target.baud or UART_BAUD)
+        )
+        port = self.port or "the serial port"
+        link = self.serial
+        if link is None:
+            return f"Klipper could not be asked on {port}: the port is closed."
+        if getattr(link.ser, "baudrate", baud) != baud:
+            try:
+                link.ser.baudrate = baud
+            except Exception as exc:
+                return (
+                    f"Could not switch {port} to Klipper's {baud} baud to confirm it started "
+                    f"({exc}); the firmware was written and verified."
+                )
+        # Katapult resets 100 ms after its ACK: a request sent before that lands in Katapult
+        time.sleep(min(0.15, wait / 4))
+        window = float(_opt(self.target, "identify_window", 0.25))
+        result = ks.probe_identify(link, wait, window)
+        if result is None:
+            return (
+                f"Klipper did not answer on {port} at {baud} baud within {wait:.0f} s. The "
+                "firmware was written and verified; if the board stays silent, check that the "
+                "build's 'Communication interface' is this UART and its baud rate is "
+                f"{baud}, or the application crashes at start: double-tap reset to return to "
+                "Katapult."
+            )
+        data = result.response.data
+        if self.flashed is not None and len(data) >= 8 and data not in self.flashed:
+            return (
+                f"A Klipper answers on {port} at {baud} baud, but its data dictionary is not "
+                "the one in the file just flashed: check that the board started the new "
+                "application."
+            )
+        return f"Klipper answers on {port} at {baud} baud (identify)."
+
+    def _ports(self) -> list[Any]:
+        try:
+            return list(self.lister())
+        except Exception:
+            return []
 
     def close(self) -> None:
         if self.serial is not None:
@@ -638,6 +768,10 @@ class KatapultFlasher(Flasher):
         if self.can_link is not None:
             self.can_link.close()
             self.can_link = None
+
+
+def _usb_id(port: Any) -> tuple[Any, Any]:
+    return getattr(port, "vid", None), getattr(port, "pid", None)
 
 
 class NodeResetError(ConnectError):

@@ -24,6 +24,7 @@ import termios
 import threading
 import time
 import tty
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -33,6 +34,7 @@ from octoprint_flasher.image.klipper import find_dictionary
 from octoprint_flasher.links.bootloader_entry import BridgeInfo, UsbPort
 from octoprint_flasher.protocols import katapult as kp
 from octoprint_flasher.protocols import klipper_can as kc
+from octoprint_flasher.protocols import klipper_serial as ks
 
 from .klipper_firmware import make_katapult_bin
 
@@ -351,6 +353,114 @@ class KatapultCore:
 
 
 # --------------------------------------------------------------------------------------------
+# Klipper's serial side (what a running Klipper does with message blocks)
+
+
+def dictionary_blob(region: bytes) -> Optional[bytes]:
+    """The zlib-compressed data dictionary as the build embeds it (Klipper's
+    ``command_identify_data``): the exact compressed bytes, not a re-compression."""
+    for header in (b"\x78\x01", b"\x78\x5e", b"\x78\x9c", b"\x78\xda"):
+        pos = region.find(header)
+        while pos >= 0:
+            stream = zlib.decompressobj()
+            try:
+                raw = stream.decompress(region[pos:], 1 << 20)
+            except zlib.error:
+                raw = b""
+            if raw.startswith(b"{") and stream.eof:
+                return region[pos : len(region) - len(stream.unused_data)]
+            pos = region.find(header, pos + 1)
+    return None
+
+
+class KlipperSerialCore:
+    """Klipper's ``command_find_block`` (src/command.c) with its sequence check, and the one
+    command this emulator implements, ``identify`` (src/basecmd.c). A fresh MCU expects
+    sequence 0; a valid block with another number is answered with a NAK (an empty block
+    carrying the expected number) and dropped; after a damaged block the parser discards up to
+    the next 0x7E and NAKs once per error burst; leading 0x7E bytes are skipped silently."""
+
+    def __init__(self, identify_data: bytes, baud: Optional[int] = None) -> None:
+        self.identify_data = identify_data
+        self.baud = baud
+        self.next_sequence = ks.MESSAGE_DEST
+        self.sync_state = 0
+        self.buf = bytearray()
+        self.commands: list[int] = []
+
+    def _frame(self, payload: bytes) -> bytes:
+        return ks.encode_msgblock(self.next_sequence, payload)
+
+    def find_block(self) -> tuple[int, int, bool]:
+        """(ret, pop_count, send_nak), statement for statement."""
+        buf = self.buf
+        n = len(buf)
+        if not (n and self.sync_state & CF_NEED_SYNC):
+            if n < ks.MESSAGE_MIN:
+                return 0, 0, False
+            msglen, msgseq = buf[0], buf[1]
+            ok = ks.MESSAGE_MIN <= msglen <= ks.MESSAGE_MAX and (
+                msgseq & ~ks.MESSAGE_SEQ_MASK == ks.MESSAGE_DEST
+            )
+            if ok and n < msglen:
+                return 0, 0, False
+            if ok and ks.check_block(bytes(buf[:msglen])) == msglen:
+                self.sync_state &= ~CF_NEED_VALID
+                if msgseq != self.next_sequence:
+                    return -1, msglen, True  # lost message: NAK until it is retransmitted
+                self.next_sequence = ((msgseq + 1) & ks.MESSAGE_SEQ_MASK) | ks.MESSAGE_DEST
+                return 1, msglen, False
+            if buf[0] == ks.MESSAGE_SYNC:
+                return -1, 1, False
+            self.sync_state |= CF_NEED_SYNC
+        nxt = buf.find(ks.MESSAGE_SYNC)
+        if nxt >= 0:
+            self.sync_state &= ~CF_NEED_SYNC
+            pop = nxt + 1
+        else:
+            pop = n
+        if self.sync_state & CF_NEED_VALID:
+            return -1, pop, False
+        self.sync_state |= CF_NEED_VALID
+        return -1, pop, True
+
+    def receive(self, data: bytes) -> list[bytes]:
+        """Feed bytes; return the blocks Klipper sends back."""
+        self.buf += data
+        out: list[bytes] = []
+        while True:
+            ret, pop, nak = self.find_block()
+            if nak:
+                out.append(self._frame(b""))
+            if ret > 0:
+                out += self.dispatch(bytes(self.buf[ks.MESSAGE_HEADER_SIZE : pop - 3]))
+                out.append(self._frame(b""))  # command_send_ack after the dispatch
+            if not ret:
+                return out
+            del self.buf[:pop]
+
+    def dispatch(self, payload: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        pos = 0
+        while pos < len(payload):
+            msgid, pos = ks.decode_vlq(payload, pos, signed=True)
+            self.commands.append(msgid)
+            if msgid != ks.MSGID_IDENTIFY:
+                return out  # real Klipper would shut down on a command it does not know
+            offset, pos = ks.decode_vlq(payload, pos)
+            count, pos = ks.decode_vlq(payload, pos)
+            count &= 0xFF
+            size = len(self.identify_data)
+            if offset >= size:
+                count = 0
+            elif offset + count > size:
+                count = size - offset
+            chunk = self.identify_data[offset : offset + count]
+            out.append(self._frame(ks.encode_identify_response(offset, chunk)))
+        return out
+
+
+# --------------------------------------------------------------------------------------------
 # fault injection
 
 
@@ -493,6 +603,7 @@ class EmulatedBoard:
         reboot_seconds: float = 0.15,
         faults: Optional[Faults] = None,
         block_size: int = 64,
+        klipper_faults: Optional[Faults] = None,
     ) -> None:
         self.chip = CHIPS[chip]
         self.interface = interface
@@ -511,6 +622,8 @@ class EmulatedBoard:
         self.katapult_installed = katapult_installed
         self.reboot_seconds = reboot_seconds
         self.faults = faults or Faults()
+        #: faults on the running Klipper's serial traffic, counted apart from Katapult's
+        self.klipper_faults = klipper_faults or Faults()
         self.block_size = block_size
         if interface == "usb-can-bridge":
             self.uuid = kc.uuid_from_chip_id(bytes.fromhex(self.usb_serial))
@@ -532,6 +645,7 @@ class EmulatedBoard:
         self.boots = 0
         self._can: Optional[_CanRunner] = None
         self._serial: Optional[_SerialRunner] = None
+        self._klipper: Optional[KlipperSerialCore] = None
         self._stop = threading.Event()
         if firmware == "katapult":
             self._new_core()
@@ -607,10 +721,22 @@ class EmulatedBoard:
             self.mode = "rebooting"
             self.katapult_id = 0
             self.core = None
+            self._klipper = None
             if self._serial is not None and self.interface == "usb":
                 self.world.unplug(self._serial.device)  # USB drops off at once
             wait = self.reboot_seconds if delay is None else delay
             self._pending = (time.perf_counter() + wait * self.time_scale, into)
+
+    def klipper_serial(self) -> KlipperSerialCore:
+        """Klipper's serial command parser, fresh after every boot."""
+        if self._klipper is None:
+            region = self.flash.read(self.chip.app_start, 256 * 1024)
+            config = (find_dictionary(region) or {}).get("config", {})
+            baud = config.get("SERIAL_BAUD")
+            self._klipper = KlipperSerialCore(
+                dictionary_blob(region) or b"", int(baud) if baud else None
+            )
+        return self._klipper
 
     def double_reset(self) -> None:
         """The user double-taps reset: Katapult stays resident whatever the app is."""
@@ -925,10 +1051,12 @@ class _SerialRunner:
             return n * 10 / self.board.baud
         return 0.0005 + n * 8 * 1.2 / 12e6
 
-    def _write(self, data: bytes, ready: Optional[float] = None) -> None:
+    def _write(
+        self, data: bytes, ready: Optional[float] = None, faults: Optional[Faults] = None
+    ) -> None:
         board = self.board
         deadline = board.clock.occupy(self._byte_seconds(len(data)), not_before=ready)
-        out, delay = board.faults.outbound(data)
+        out, delay = (faults or board.faults).outbound(data)
         board.clock.wait(deadline + delay * board.time_scale)
         if delay and board.time_scale <= 0:
             time.sleep(delay)
@@ -967,6 +1095,18 @@ class _SerialRunner:
             with board.lock:
                 self._on_data(data)
 
+    def _line_baud(self) -> Optional[int]:
+        """The rate the host set, when it is a standard termios rate (custom rates such as
+        250000 are set with BOTHER and read back as such: unknown here)."""
+        try:
+            speed = termios.tcgetattr(self.master)[4]
+        except termios.error:
+            return None
+        for rate in (9600, 19200, 38400, 57600, 115200, 230400, 460800, 500000, 921600):
+            if getattr(termios, f"B{rate}", None) == speed:
+                return rate
+        return None
+
     def _touched_1200(self) -> bool:
         try:
             speed = termios.tcgetattr(self.master)[4]
@@ -983,7 +1123,9 @@ class _SerialRunner:
             if SERIAL_BOOTLOADER_REQUEST[1:-1] in self._magic:
                 self._magic.clear()
                 board.reboot("katapult")
+                return
             del self._magic[:-64]
+            self._klipper_blocks(data)
             return
         if board.mode != "katapult" or board.core is None:
             return
@@ -1000,6 +1142,27 @@ class _SerialRunner:
         elif not board.core.receive(got, all_or_nothing=False):
             return
         self._feed_pending(arrival)
+
+    def _klipper_blocks(self, data: bytes) -> None:
+        """Klipper's side of the link: message blocks in, identify_response/ACK/NAK out, on
+        the same byte-time model and fault counters as Katapult's replies."""
+        board = self.board
+        arrival = board.clock.occupy(self._byte_seconds(len(data)))
+        core = board.klipper_serial()
+        line = self._line_baud()
+        if self.kind == "uart" and core.baud and line and line != core.baud:
+            board.events.append(f"Klipper at {core.baud} baud got bytes at {line} baud")
+            return  # every byte is a framing error at the wrong rate
+        got, action = board.klipper_faults.inbound(data)
+        if action == "reset":
+            board.events.append("node reset (fault)")
+            board.reset()  # a reset under Klipper boots the application again
+            return
+        if got is None:
+            return
+        replies = core.receive(got)
+        if replies:
+            self._write(b"".join(replies), arrival, board.klipper_faults)
 
     def _feed_pending(self, arrival: Optional[float] = None) -> None:
         board = self.board
