@@ -20,6 +20,13 @@ from ..target import Target
 
 AVR_AUTO_MODULE = "octoprint_flasher.flashers.avr_auto"
 KATAPULT_USB_IDS = {(0x1D50, 0x6177), (0x1D50, 0x614E)}
+#: Prusa MK2-family/MK3 (Einsy, miniRAMBo): Prusa's stk500v2 plus the language pass
+PRUSA_PRINTER_USB_IDS = {(0x2C99, 0x0001), (0x2C99, 0x0002)}
+#: MMU2S/MMU3, CW1, CW1S applications and bootloaders, Leonardo: Caterina's avr109
+AVR109_USB_IDS = {(0x2C99, pid) for pid in (0x0003, 0x0004, 0x0007, 0x0008, 0x000E, 0x000F)} | {
+    (0x2341, 0x8036),
+    (0x2341, 0x0036),
+}
 RP2040_ROM_IDS = ("2e8a:0003", "2e8a:000f")
 
 
@@ -68,6 +75,10 @@ def choose_method(target: Target) -> tuple[str, str]:
     if usb_id in KATAPULT_USB_IDS:
         row = chips.lookup_usb(*usb_id)
         return "katapult", f"{target.port} is {row.description if row else 'Katapult/Klipper'}"
+    if usb_id in PRUSA_PRINTER_USB_IDS or usb_id in AVR109_USB_IDS:
+        row = chips.lookup_usb(*usb_id)
+        method = "prusa" if usb_id in PRUSA_PRINTER_USB_IDS else "avr109"
+        return method, f"{target.port} is a {row.description if row else 'Prusa device'}"
     if usb_id == (0x0483, 0x5740):
         row = chips.lookup_usb(*usb_id)
         raise UnsupportedError(

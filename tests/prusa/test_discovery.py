@@ -3,6 +3,8 @@ USB location and serial number."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from octoprint_flasher import discovery
 from octoprint_flasher.links import usb_follow
 from octoprint_flasher.links.bootloader_entry import UsbPort
@@ -50,3 +52,13 @@ def test_the_bootloader_is_matched_by_location_then_serial_never_by_id_alone() -
         usb_follow.match_port([other, mine], [boot], None, None, exclude=["/dev/ttyACM7"]) is mine
     )
     assert usb_follow.match_port([other, mine], [boot], None, None) is None
+
+
+def test_auto_picks_prusa_for_the_printer_and_avr109_for_the_mmu(monkeypatch: Any) -> None:
+    from octoprint_flasher.flashers import auto
+    from octoprint_flasher.target import Target
+
+    monkeypatch.setattr(auto, "list_serial_ports", ports)
+    assert auto.choose_method(Target(port="/dev/ttyACM0"))[0] == "prusa"
+    assert auto.choose_method(Target(port="/dev/ttyACM1"))[0] == "avr109"
+    assert auto.choose_method(Target(port="/dev/ttyACM3"))[0] == "avr109"
