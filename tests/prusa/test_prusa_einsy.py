@@ -273,3 +273,19 @@ def test_the_defect_is_detected_and_every_page_with_a_semicolon_takes_two_rounds
         f.close()
     with_semicolon = sum(1 for a in range(0, len(fw), 256) if b";" in fw[a : a + 256])
     assert f.semicolon_rounds is True and f.rounds == with_semicolon
+
+
+def test_flashing_the_same_file_again_quickly_writes_nothing(boards: list[PrusaEinsy]) -> None:
+    b = einsy(boards, semicolon_defect=False)
+    fw, langs, image = multilang()
+    flash(b, image)
+    pages, programs = b.stats.pages_written, b.xflash.page_programs
+    f = prusa.open_flasher(Target("prusa", port=b.port, options=FAST))
+    try:
+        f.identify()
+        result = f.flash(image, quick=True)
+    finally:
+        f.close()
+    assert result.blocks_written == 0 and result.blocks_skipped == -(-len(fw) // 256)
+    assert (b.stats.pages_written, b.xflash.page_programs) == (pages, programs)
+    assert "0 blocks written, 1 already identical" in result.confirmation
