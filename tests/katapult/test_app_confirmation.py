@@ -27,7 +27,7 @@ from tests.emulators.katapult_node import (
 )
 from tests.emulators.klipper_firmware import STACK_TOP, make_klipper_bin
 
-from .conftest import as_bin, serial_target
+from .conftest import as_bin, can_target, serial_target
 
 MakeBoard = Callable[..., EmulatedBoard]
 SMALL = 8 * 1024
@@ -369,3 +369,25 @@ def test_entered_from_klipper_over_uart_and_confirmed_back(
     # the new build answered: its first dictionary bytes are the ones in the flashed file
     blob = dictionary_blob(data)
     assert blob is not None and board.klipper_serial().identify_data == blob
+
+
+def test_usb_can_bridge_build_is_confirmed_by_its_channel_coming_back(
+    make_board: MakeBoard, world: UsbWorld
+) -> None:
+    board = make_board(
+        interface="usb-can-bridge", firmware="klipper", usb_serial="0E0022001750425938323120"
+    )
+    board.install_app(make_klipper_bin(usb_can_bridge=True))
+    board.start()
+    log: list[str] = []
+    flasher = methods.open_flasher(can_target(board, world), log.append)
+    try:
+        info = flasher.identify()
+        data = make_klipper_bin(size=SMALL, usb_can_bridge=True, seed=3)
+        flasher.check(as_bin(data), info)
+        flasher.flash(as_bin(data))
+        sentence = flasher.leave()
+    finally:
+        flasher.close()
+    assert sentence == f"Klipper is back as the USB-CAN bridge that owns {board.channel}."
+    assert world.find_bridge(board.channel) is not None
