@@ -6,6 +6,12 @@ hook with an emulated STM32 ROM DFU device (a pyusb backend) and an emulated Kat
 a python-can ``virtual`` bus, both from the project's ``tests/emulators``. The repository root
 comes from the ``FLASHER_REPO`` environment variable the demo sets. Never install this on a
 real printer: it only shows the flasher's own code paths against emulators.
+
+It also answers ``/api/plugin/flasher_demo_transports`` (admins only): ``GET`` tells what the
+emulated boards are doing (the DFU device's mode, the CAN node's mode and reboot events), so the
+end-to-end tests can check that a refused file left a board untouched; the command
+``press_dfu_reset`` is the reset button of the DFU board with its BOOT0 jumper still fitted:
+the board enumerates in ROM DFU again, keeping its flash, so it can be flashed once more.
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ CAN_CHANNEL = "flasher-demo"
 _log = logging.getLogger("octoprint.plugins.flasher_demo_transports")
 
 
-class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPlugin):
+class DemoTransports(
+    octoprint.plugin.StartupPlugin,
+    octoprint.plugin.ShutdownPlugin,
+    octoprint.plugin.SimpleApiPlugin,
+):
     """Builds the emulated boards once and offers them to the flasher."""
 
     def __init__(self) -> None:
         self._offer: Optional[dict[str, Any]] = None
         self._node: Any = None
+        self._dfu: Any = None
 
     def transports(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if self._offer is None:
@@ -47,13 +58,39 @@ class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPl
         if callable(stop):
             stop()
 
+    # -- the boards' state, for the end-to-end tests and the curious -------------------------------
+    def is_api_protected(self) -> bool:
+        return True
+
+    def is_api_adminonly(self) -> bool:
+        return True
+
+    def get_api_commands(self) -> dict[str, list[str]]:
+        return {"press_dfu_reset": []}
+
+    def on_api_get(self, request: Any) -> Any:
+        import flask
+
+        self.transports()
+        return flask.jsonify(boards_state(self._dfu, self._node))
+
+    def on_api_command(self, command: str, data: dict[str, Any]) -> Any:
+        import flask
+
+        self.transports()
+        if command == "press_dfu_reset" and self._dfu is not None:
+            self._dfu.press_reset(boot0=True)
+        return flask.jsonify(boards_state(self._dfu, self._node))
+
     def _build(self) -> dict[str, Any]:
         repo = os.environ.get("FLASHER_REPO")
         if repo and repo not in sys.path:
             sys.path.insert(0, repo)
         offer: dict[str, Any] = {}
         try:
-            offer["usb_backend"] = _dfu_backend()
+            backend = _dfu_backend()
+            self._dfu = next(iter(backend.enumerate_devices()), None)
+            offer["usb_backend"] = backend
         except ImportError as exc:
             _log.warning(f"No emulated DFU board: {exc}")
         try:
@@ -65,10 +102,37 @@ class DemoTransports(octoprint.plugin.StartupPlugin, octoprint.plugin.ShutdownPl
         return offer
 
 
+def boards_state(dfu: Any, node: Any) -> dict[str, Any]:
+    """What the emulated boards are doing: enough to tell a board that was never touched from
+    one that was rebooted, entered or written."""
+    state: dict[str, Any] = {}
+    if dfu is not None:
+        present = dfu.present  # lets a re-enumerating device finish first
+        state["dfu"] = {
+            "mode": dfu.mode,
+            "present": present,
+            "usb_id": "{:04x}:{:04x}".format(*dfu.usb_ids),
+            "left_to": dfu.left_to,
+            "bytes_programmed": dfu.bytes_programmed,
+            "erased": list(dfu.erased),
+            "head": dfu.read_flash(dfu.model.flash_start, 8).hex(),
+        }
+    if node is not None:
+        with node.lock:
+            state["katapult"] = {
+                "uuid": node.uuid_text,
+                "mode": node.mode,
+                "events": list(node.events),
+                "boots": node.boots,
+            }
+    return state
+
+
 def _dfu_backend() -> Any:
     """An STM32F446 waiting in its ROM bootloader (BOOT0 held at power-up). After a flash it
-    starts the new application and leaves the DFU list, as a real board does once the BOOT0
-    jumper is removed; restart the demo to flash it again."""
+    starts the new application and leaves the DFU list, as a real board does when it leaves
+    DFU; with the BOOT0 jumper still fitted, its reset button (the ``press_dfu_reset`` API
+    command) brings it back into DFU."""
     from tests.emulators import dfu_device
 
     scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))

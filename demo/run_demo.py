@@ -96,36 +96,68 @@ def prepare_basedir(basedir: Path, port_link: Path) -> str:
     return password
 
 
+#: the sample files, in the order a newcomer tries them: for each board the file a newcomer
+#: could wrongly pick up (refused before that board is touched), then the one that flashes
+SAMPLES = (
+    ("wrong-chip-klipper-stm32f407.bin", "dfu", False,
+     "Klipper built for an STM32F407: refused from the file, the board stays in DFU"),
+    ("klipper-stm32f446-dfu.bin", "dfu", True,
+     "Klipper for the STM32F446 ('no bootloader' build, linked at 0x08000000)"),
+    ("wrong-canboot.bin", "katapult", False,
+     "the Katapult bootloader itself, not Klipper: refused from the file, the node is not "
+     "rebooted"),
+    ("klipper-stm32g0b1-katapult.bin", "katapult", True,
+     "Klipper for the STM32G0B1 behind Katapult (linked at 0x08002000, CAN 1 Mbit/s)"),
+    ("wrong-chip-atmega2560.hex", "printer", False,
+     "built for the ATmega2560 and bigger than the 1284P's flash: refused"),
+    ("printer-demo2-atmega1284p.hex", "printer", True,
+     "new printer firmware 'Demo-2' for the ATmega1284P"),
+)  # fmt: skip
+BOARDS = {
+    "dfu": "the STM32F446 in DFU mode (device 'STM32 ROM bootloader (USB DFU): STM32F446')",
+    "katapult": "the Katapult CAN node (device 'CAN node ... (Klipper) on flasher-demo')",
+    "printer": "the printer's port",
+}
+
+
 def make_samples(folder: Path) -> dict[str, Path]:
-    """Firmware files a newcomer can flash from the page, plus one the page must refuse."""
+    """Write the sample firmware files; returns {description: path} in :data:`SAMPLES` order.
+
+    Each board gets the file that flashes on the first try and one a newcomer could plausibly
+    pick up instead, which the page refuses before that board is touched."""
     from tests.emulators import klipper_firmware
     from tests.emulators.simboard import build_test_firmware
 
     folder.mkdir(parents=True, exist_ok=True)
-    samples = {
-        "printer (ATmega1284P, new test firmware 'Demo-2')": folder
-        / "printer-demo2-atmega1284p.hex",
-        "STM32F446 DFU device (Klipper-like .bin at 0x08000000)": folder
-        / "klipper-stm32f446-dfu.bin",
-        "Katapult CAN node (STM32G0B1, Klipper-like .bin at 0x08002000)": folder
-        / "klipper-stm32g0b1-katapult.bin",
-        "wrong chip: built for the ATmega2560 (the page refuses it)": folder
-        / "wrong-chip-atmega2560.hex",
-    }
-    paths = list(samples.values())
-    shutil.copy(build_test_firmware("atmega1284p", "Demo-2"), paths[0])
-    paths[1].write_bytes(
-        klipper_firmware.make_klipper_bin(
+    content = {
+        "klipper-stm32f446-dfu.bin": klipper_firmware.make_klipper_bin(
             mcu="stm32f446xx",
             app_start=0x08000000,
             size=32 * 1024,
             canbus_frequency=None,
             serial_baud=250000,
-        )
-    )
-    paths[2].write_bytes(klipper_firmware.make_klipper_bin())
-    # bigger than the whole ATmega1284P: refused whatever the page knows about the board
-    shutil.copy(build_test_firmware("atmega2560", "Wrong-Chip", size=136 * 1024), paths[3])
+        ),
+        "wrong-chip-klipper-stm32f407.bin": klipper_firmware.make_klipper_bin(
+            mcu="stm32f407xx",
+            app_start=0x08000000,
+            size=32 * 1024,
+            canbus_frequency=None,
+            serial_baud=250000,
+            seed=2,
+        ),
+        "klipper-stm32g0b1-katapult.bin": klipper_firmware.make_klipper_bin(),
+        "wrong-canboot.bin": klipper_firmware.make_katapult_bin(),
+    }
+    samples: dict[str, Path] = {}
+    for name, board, _right, what in SAMPLES:
+        path = folder / name
+        if name in content:
+            path.write_bytes(content[name])
+        elif name == "printer-demo2-atmega1284p.hex":
+            shutil.copy(build_test_firmware("atmega1284p", "Demo-2"), path)
+        else:  # bigger than the whole ATmega1284P: refused whatever is known about the board
+            shutil.copy(build_test_firmware("atmega2560", "Wrong-Chip", size=136 * 1024), path)
+        samples[f"{BOARDS[board]}: {what}"] = path
     return samples
 
 
@@ -264,15 +296,27 @@ def print_banner(
     url: str, password: str, samples: dict[str, Path], basedir: Path, port_link: Path
 ) -> None:
     width = 72
+    folder = next(iter(samples.values())).parent
     print("=" * width)
     print(f"OctoPrint with the Firmware Updater is running: {url}")
     print(f"  user: admin    password: {password}")
-    print("  then: Settings (wrench) -> Firmware Updater")
     print(f"  simulated printer: ATmega1284P + optiboot on {port_link} (firmware 'Demo-1')")
     print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo'")
-    print("Sample firmware files:")
-    for what, path in samples.items():
-        print(f"  {path}\n      {what}")
+    print(f"Sample firmware files are in {folder}. Try them board by board in")
+    print("Settings (wrench) -> Firmware Updater: pick the Device, choose the file, press")
+    print("Flash. Each board's wrong file is refused before that board is touched; the right")
+    print("file then flashes, with nothing to restart:")
+    step = 0
+    for board, label in BOARDS.items():
+        step += 1
+        print(f"  {step}. Device: {label}")
+        if board == "printer":
+            print("     (type atmega1284p in 'Chip' so the page can refuse the wrong chip)")
+        for name, where, right, what in SAMPLES:
+            if where == board:
+                print(f"     {'then' if right else 'first'}: {name}\n         {what}")
+    print("The printer stays connected while the DFU board and the CAN node are flashed.")
+    print("After its flash the DFU board runs Klipper; restart the demo to flash it again.")
     print(f"OctoPrint log: {basedir / 'logs' / 'octoprint.log'}")
     print("Press Ctrl-C to stop.")
     print("=" * width, flush=True)

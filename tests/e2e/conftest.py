@@ -31,6 +31,8 @@ import websocket
 from tests.conftest import REALTIME_LOCK
 
 OCTOPRINT = Path(sys.executable).parent / "octoprint"
+REPO = Path(__file__).resolve().parents[2]
+DEMO_PLUGIN = REPO / "demo" / "flasher_demo_transports.py"
 ADMIN = ("admin", "e2e-admin-pass")
 VIEWER = ("viewer", "e2e-viewer-pass")  # in group "users": no PLUGIN_FLASHER_FLASH
 PORT_GLOB_NAME = "ttyFLASHER"
@@ -144,6 +146,9 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
     )
     _octoprint_cli(basedir, "user", "add", ADMIN[0], "--password", ADMIN[1], "--admin")
     _octoprint_cli(basedir, "user", "add", VIEWER[0], "--password", VIEWER[1], "-g", "users")
+    # the demo's emulated STM32F446 in ROM DFU and Katapult CAN node, as the demo installs them
+    (basedir / "plugins").mkdir()
+    shutil.copy(DEMO_PLUGIN, basedir / "plugins" / DEMO_PLUGIN.name)
 
     port = free_port()
     console = basedir / "console.log"
@@ -153,7 +158,7 @@ def octoprint_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OctoP
              "--port", str(port), "--iknowwhatimdoing"],
             stdout=out,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "FLASHER_REPO": str(REPO)},
             start_new_session=True,
         )  # fmt: skip
     server = OctoPrintServer(basedir, port, proc, console, port_dir)
@@ -263,6 +268,33 @@ class Client:
         r = self.post("api/connection", json={"command": "disconnect"})
         assert r.status_code == 204, f"disconnect: {r.status_code} {r.text}"
 
+    # -- the demo's emulated boards (demo/flasher_demo_transports.py) -------------------------
+
+    def demo_boards(self) -> dict[str, Any]:
+        """What the emulated DFU device and CAN node are doing, from inside OctoPrint."""
+        r = self.get("api/plugin/flasher_demo_transports")
+        assert r.status_code == 200, f"GET demo boards: {r.status_code} {r.text}"
+        state: dict[str, Any] = r.json()
+        return state
+
+    def press_dfu_reset(self) -> dict[str, Any]:
+        """The DFU board's reset button with BOOT0 still fitted: it is in ROM DFU again."""
+        r = self.post("api/plugin/flasher_demo_transports", json={"command": "press_dfu_reset"})
+        assert r.status_code == 200, f"press_dfu_reset: {r.status_code} {r.text}"
+        poll("the DFU board back in DFU", lambda: self.demo_boards()["dfu"]["mode"] == "dfu", 10)
+        return self.demo_boards()
+
+    def find_device(self, kind: str, timeout: float = 30) -> dict[str, Any]:
+        """The first device of ``kind`` ("usb-dfu", "can") in the plugin's device list."""
+
+        def listed() -> Optional[dict[str, Any]]:
+            r = self.get("plugin/flasher/devices")
+            assert r.status_code == 200, r.text
+            return next((d for d in r.json()["devices"] if d["kind"] == kind), None)
+
+        found: dict[str, Any] = poll(f"a {kind} device in the list", listed, timeout, 0.5)
+        return found
+
     def wait_printer_state(self, state: str, timeout: float) -> dict[str, Any]:
         def reached() -> Optional[dict[str, Any]]:
             current = self.connection()
@@ -270,6 +302,21 @@ class Client:
 
         found: dict[str, Any] = poll(f"the printer to be {state}", reached, timeout, interval=0.25)
         return found
+
+
+def page_target(device: dict[str, Any]) -> dict[str, Any]:
+    """The target the settings page sends for a device picked in its list (flasher.js)."""
+    target: dict[str, Any] = {"method": "auto"}
+    for key in ("port", "usb_path", "uuid"):
+        if device.get(key):
+            target[key] = device[key]
+    if device["kind"] == "usb-dfu" and device.get("usb_id"):
+        target["usb"] = device["usb_id"]
+    if device.get("chip"):
+        target["mcu"] = device["chip"]
+    if (device.get("details") or {}).get("can_channel"):
+        target["can_channel"] = device["details"]["can_channel"]
+    return target
 
 
 def job_running(status: dict[str, Any]) -> bool:
@@ -492,7 +539,26 @@ def oversized_firmware(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-_FILE_ORDER = ("test_http_flow.py", "test_security.py", "test_browser.py")
+@pytest.fixture(scope="package")
+def demo_samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The demo's sample files (demo/run_demo.py make_samples), by file name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_demo", REPO / "demo" / "run_demo.py")
+    assert spec is not None and spec.loader is not None
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    paths = run_demo.make_samples(tmp_path_factory.mktemp("demo-samples")).values()
+    return {path.name: path for path in paths}
+
+
+_FILE_ORDER = (
+    "test_http_flow.py",
+    "test_security.py",
+    "test_demo_boards.py",
+    "test_browser.py",
+    "test_browser_newcomer.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

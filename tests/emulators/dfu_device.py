@@ -298,6 +298,12 @@ class EmulatedDfuDevice:
         self.load_flash(self.model.flash_start, body)
         return body
 
+    def press_reset(self, boot0: bool = True) -> None:
+        """The user presses the reset button: with the BOOT0 jumper fitted the ROM bootloader
+        enumerates again (flash kept), without it the application starts if it is valid."""
+        then = "dfu" if boot0 else self._after_leave(self.model.flash_start)
+        self._disconnect(then)
+
     @property
     def present(self) -> bool:
         self._tick()

@@ -10,7 +10,9 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from octoprint_flasher import discovery, preflight
+from octoprint_flasher import discovery, methods, preflight
+from octoprint_flasher.errors import FlashError
+from octoprint_flasher.image import cortex_m
 from octoprint_flasher.image import load as loaders
 from octoprint_flasher.plugin.routes import apply_transports, target_from_json
 
@@ -84,17 +86,33 @@ def test_demo_config_skips_the_wizards_and_autoconnects_to_the_pty() -> None:
     assert config["serial"]["additionalPorts"] == ["/tmp/ttyFLASHER*"]
 
 
-def test_demo_samples_flash_where_they_belong_and_the_wrong_one_is_refused(
+def test_demo_samples_flash_where_they_belong_and_each_board_has_a_refused_one(
     tmp_path: Path,
 ) -> None:
+    """Every board's right file passes the checks the page runs at upload, with the target the
+    page builds from the device list; its wrong file is refused by those same checks (from the
+    file alone, so before the board is touched)."""
     run_demo = load_module(REPO / "demo" / "run_demo.py", "run_demo")
-    samples = list(run_demo.make_samples(tmp_path).values())  # the AVR toolchain is required
-    printer, dfu_bin, katapult_bin, wrong = (loaders.load(p) for p in samples)
-    assert preflight.check_offline(printer, "atmega1284p", "stk500v1").ok
-    assert preflight.check_offline(
-        loaders.load(samples[1], base_address=0x08000000), "stm32f446"
-    ).ok
-    assert katapult_bin.size == 26 * 1024 and dfu_bin.size == 32 * 1024
-    verdict = preflight.check_offline(wrong, "atmega1284p", "stk500v1")
-    assert not verdict.ok
-    assert "too big" in verdict.errors[0]["message"].lower()
+    paths = {p.name: p for p in run_demo.make_samples(tmp_path).values()}  # needs gcc-avr
+    assert list(paths) == [name for name, *_ in run_demo.SAMPLES]
+    targets = {
+        "dfu": {"method": "auto", "usb": "0483:df11", "usb_path": "1-2", "mcu": "STM32F446"},
+        "katapult": {"method": "auto", "uuid": "0e2f3a4b5c6d", "can_channel": "flasher-demo"},
+        "printer": {"method": "stk500v1", "port": "/tmp/ttyFLASHER0", "mcu": "atmega1284p"},
+    }
+    written_at = {
+        "klipper-stm32f446-dfu.bin": 0x08000000,
+        "klipper-stm32g0b1-katapult.bin": 0x08002000,
+    }
+    for name, board, right, _what in run_demo.SAMPLES:
+        target = target_from_json(targets[board], {})
+        image = cortex_m.place(loaders.load(paths[name]), target.address)
+        report = preflight.check_offline(image, mcu_name=target.mcu, method=target.method)
+        if report.ok:
+            try:
+                report.warnings += methods.check_image(target, image)
+            except FlashError as exc:
+                report.fail(exc)
+        assert report.ok is right, (name, report.errors)
+        if name in written_at:
+            assert image.start == written_at[name], (name, hex(image.start))
