@@ -23,6 +23,7 @@ from ..flasher import (
     STAGE_READING,
     STAGE_VERIFYING,
     STAGE_WRITING,
+    VERIFIED_READ_BACK,
     CancelToken,
     Flasher,
     FlashResult,
@@ -401,20 +402,16 @@ class Avr109Flasher(Flasher):
                 )
         nbytes = len(pages) * PAGE
         name = NAMES[self.kind]
-        result = FlashResult(
+        return FlashResult(
             bytes_written=nbytes,
             bytes_verified=nbytes,
             blocks_written=len(pages),
             blocks_skipped=skipped,
             seconds=time.monotonic() - started,
-        )
-        setattr(  # noqa: B010
-            result,
-            "confirmation",
-            f"{name} firmware: {nbytes} bytes written and read back over avr109"
+            verified_by=VERIFIED_READ_BACK,
+            confirmation=f"{name} firmware: {nbytes} bytes written and read back over avr109"
             + (f" ({skipped} pages already identical)" if skipped else ""),
         )
-        return result
 
     def _verify(
         self, pages: list[tuple[int, bytes]], progress: ProgressCallback, cancel: Any

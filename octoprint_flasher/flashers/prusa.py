@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 from ..errors import ConnectError, FlashError, PreflightError
 from ..flasher import (
     STAGE_LEAVING,
+    VERIFIED_READ_BACK,
     CancelToken,
     FlashResult,
     LogCallback,
@@ -392,16 +393,15 @@ class PrusaFlasher(Stk500v2Flasher):
         confirmation = f"Pass 1 {pass1}; pass 2 {lang_note}."
         self.last_confirmation = confirmation
         self.log(f"Prusa: {confirmation}")
-        result = FlashResult(
+        return FlashResult(
             bytes_written=first.bytes_written,
             bytes_verified=first.bytes_verified,
             blocks_written=first.blocks_written,
             blocks_skipped=first.blocks_skipped,
             seconds=time.monotonic() - started,
+            verified_by=VERIFIED_READ_BACK,
+            confirmation=confirmation,
         )
-        setattr(result, "confirmation", confirmation)  # noqa: B010
-        setattr(result, "languages_written", written)  # noqa: B010
-        return result
 
     def leave(self) -> Optional[str]:
         """After :meth:`flash` the printer already runs its firmware: say whether it was seen
