@@ -315,13 +315,17 @@ class LineReader:
                     self._buf += self.stream.read(more, 0.05)
 
     def pending(self) -> list[str]:
-        """Whole lines that already arrived (no waiting beyond one short read)."""
+        """Whole lines that already arrived, without waiting (called after every WRITE)."""
+        more = _waiting(self.stream)
+        if more:
+            self._buf += self.stream.read(more, 0.05)
         out: list[str] = []
-        while True:
-            line = self.next_line(0.0 if self._buf.find(b"\n") >= 0 else 0.001)
+        while self._buf.find(b"\n") >= 0:
+            line = self.next_line(0.0)
             if line is None:
-                return out
+                break
             out.append(line)
+        return out
 
 
 @dataclass

@@ -33,7 +33,7 @@ import threading
 import time
 import tty
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from octoprint_flasher.image.marlin import MKS_KEY, MKS_START, describe_bin, mks_decrypt
 from octoprint_flasher.protocols.marlin_bft import fletcher16
@@ -248,7 +248,7 @@ class MarlinPrinter:
         self._file_data = bytearray()
         self._file_dummy = False
         self._file_compressed = False
-        self._compressed = bytearray()
+        self._decoder: Any = None
         self._line_free_rx = 0.0
         self.state_after_boot = "marlin"
         self._last_file_packet = 0.0
@@ -302,11 +302,14 @@ class MarlinPrinter:
         return model * self.time_scale
 
     def _sleep_until(self, deadline: float) -> None:
+        """Sleep in the OS until just before ``deadline`` (releasing the GIL for the host),
+        then spin the last tens of microseconds: sleep overshoot must not pile up per packet."""
         while True:
             left = deadline - time.perf_counter()
             if left <= 0 or self._stop.is_set():
                 return
-            time.sleep(min(left, 0.05))
+            if left > 0.00016:
+                time.sleep(min(left - 0.00008, 0.05))
 
     def _byte_time(self, n: int) -> float:
         """Model seconds ``n`` bytes occupy the link."""
@@ -385,11 +388,29 @@ class MarlinPrinter:
             kept.append(byte)
         self._line_free_rx = start + span
         self._sleep_until(self._line_free_rx)
-        for byte in kept:
-            if self.binary:
-                self._binary_byte(byte)
+        i = 0
+        while i < len(kept):
+            if not self.binary:
+                self._gcode_byte(kept[i])
+                i += 1
+            elif self._rx_state == "data" and self._no_rx_faults():
+                # a payload run at once (the per-byte path would cost more than the link)
+                n = min(self._want + 2 - len(self._payload), len(kept) - i)
+                self._payload += kept[i : i + n]
+                self._rx_offset += n
+                self._last_byte = time.perf_counter()
+                i += n
+                if len(self._payload) == self._want + 2:
+                    self._on_payload()
             else:
-                self._gcode_byte(byte)
+                self._binary_byte(kept[i])
+                i += 1
+
+    def _no_rx_faults(self) -> bool:
+        f = self.faults
+        return not (
+            f.rx_drop_offsets or f.rx_corrupt_offsets or f.rx_loss_rate or f.rx_corrupt_rate
+        )
 
     def _idle(self) -> None:
         now = time.perf_counter()
@@ -720,7 +741,11 @@ class MarlinPrinter:
             self.card.files[key] = b""
         self._file_data = bytearray()
         self._file_compressed = compressed
-        self._compressed = bytearray()
+        self._decoder = None
+        if compressed and not dummy:
+            import heatshrink2.core as hs
+
+            self._decoder = hs.Encoder(hs.Reader(window_sz2=8, lookahead_sz2=4))
         self._next_idle_check = time.perf_counter() + self._seconds(1.0)
         self.emit("PFT:success")
 
@@ -731,8 +756,8 @@ class MarlinPrinter:
         self.stats.writes += 1
         if self._file_dummy:
             return
-        if self._file_compressed:
-            self._compressed += payload  # decoded at CLOSE (one heatshrink stream per file)
+        if self._decoder is not None:  # one heatshrink stream per file, decoded as it comes
+            self._store(bytes(self._decoder.fill(payload)))
             return
         self._store(payload)
 
@@ -761,12 +786,9 @@ class MarlinPrinter:
         if self._file is None:
             self.emit("PFT:invalid")
             return
-        if self._file_compressed and not self._file_dummy:
-            import heatshrink2
-
-            raw = bytes(self._compressed)
-            self._compressed = bytearray()
-            self._store(heatshrink2.decompress(raw, window_sz2=8, lookahead_sz2=4))
+        if self._decoder is not None:
+            self._store(bytes(self._decoder.finish()))
+            self._decoder = None
         if not self._file_dummy:
             self.card.files[self._file] = bytes(self._file_data)
         self._file = None
@@ -780,7 +802,7 @@ class MarlinPrinter:
         if not self._file_dummy:
             self.card.files.pop(self._file, None)
         self._file = None
-        self._compressed = bytearray()
+        self._decoder = None
 
     # -- reset and the SD bootloader --
 
