@@ -32,6 +32,20 @@ find_python() {
     found=$(PYENV_ROOT=$root "$pyenv" install --list 2>/dev/null | tr -d ' ' \
       | grep -E "^${want//./\\.}\.[0-9]+$" | sort -t. -k3,3n | tail -n1 || true)
     [ -n "$found" ] || return 1
+    # what pyenv needs to build CPython on Debian (never prompts: sudo -n fails instead)
+    local deps=(build-essential libssl-dev zlib1g-dev libbz2-dev libreadline-dev libsqlite3-dev
+      libncursesw5-dev xz-utils tk-dev libxml2-dev libxmlsec1-dev libffi-dev liblzma-dev)
+    local missing=() p
+    for p in "${deps[@]}"; do
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" \
+        || missing+=("$p")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+      local sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo -n"
+      echo "pyvenv: installing build dependencies for pyenv: ${missing[*]}" >&2
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends \
+        "${missing[@]}" >&2 || return 1
+    fi
     echo "pyvenv: installing Python $found with pyenv (a few minutes)" >&2
     PYENV_ROOT=$root "$pyenv" install --skip-existing "$found" >&2 || return 1
   fi
