@@ -727,7 +727,9 @@ class MarlinSdFlasher(Flasher):
             )
         else:
             self.verified_by = "not-confirmed"
-            self.confirmation = "Not confirmed: " + _why_not(expected, new, old_name, self.mount)
+            self.confirmation = "Not confirmed: " + _why_not(
+                expected, new, old_name, self.mount, self.port
+            )
         self.log(self.confirmation)
 
     def read(
@@ -760,9 +762,18 @@ def _not_flashed_cause(naming: Naming, still_old: bool) -> str:
 
 
 def _why_not(
-    expected: Optional[BinInfo], new: Optional[bft.MarlinReport], old: str, mount: Any
+    expected: Optional[BinInfo],
+    new: Optional[bft.MarlinReport],
+    old: str,
+    mount: Any,
+    port: Optional[str],
 ) -> str:
     if new is None:
+        if mount is not None and not port:
+            return (
+                "the file was copied to the card, but without the printer's serial port the "
+                "board's report after the reset cannot be read."
+            )
         if expected is not None and expected.kind == "klipper":
             return (
                 "the board restarted and no longer answers G-code, as expected after flashing "

@@ -3,6 +3,8 @@ or the flash fails loudly, binary mode is always left, and a failed upload never
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import serial
 
@@ -137,6 +139,7 @@ def test_sync_wrap_resend_is_taken_as_received(make_printer: MakePrinter) -> Non
 def test_compressed_upload_writes_the_same_file_in_fewer_packets(
     make_printer: MakePrinter,
 ) -> None:
+    pytest.importorskip("heatshrink2")  # the optional 'heatshrink' extra
     printer = make_printer()
     data = image(16 * 1024)
     run = flash(printer, data, compress=True)
@@ -195,3 +198,22 @@ def test_identify_rescues_a_printer_left_in_binary_mode(make_printer: MakePrinte
         run.flasher.close()
     assert info.details["firmware_name"] and not printer.binary
     assert any("stuck in binary mode" in line for line in run.log)
+
+
+def test_without_heatshrink2_compression_falls_back_to_a_plain_upload(
+    make_printer: MakePrinter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "heatshrink2", None)  # import fails as if not installed
+    printer = make_printer()
+    data = image()
+    run = flash(printer, data, compress=True)
+    assert printer.file("/FIRMWARE.CUR") == data
+    assert any("heatshrink2 is not installed" in line for line in run.log)
+
+
+def test_a_printer_without_a_decompressor_gets_a_plain_upload(make_printer: MakePrinter) -> None:
+    printer = make_printer(compression=False, old_spelling=True)  # "compresion:none"
+    data = image()
+    run = flash(printer, data, compress=True)
+    assert printer.file("/FIRMWARE.CUR") == data
+    assert any("no decompressor" in line for line in run.log)

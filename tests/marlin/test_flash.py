@@ -270,3 +270,22 @@ def test_identify_answers_and_does_not_change_what_the_board_runs(
         run.flasher.close()
     assert info.details["firmware_name"] == OLD and info.details["family"] == "creality"
     assert printer.stats.resets == 0 and not printer.binary and printer.card.files == {}
+
+
+def test_mounted_card_without_a_port_is_copied_and_reported_as_not_confirmed(
+    tmp_path: Path,
+) -> None:
+    mount = tmp_path / "sdcard"
+    (mount / "STM32F4_UPDATE").mkdir(parents=True)
+    prompts: list[str] = []
+    target = Target(
+        method="marlin-sd",
+        options={"sd_mount": str(mount), "sd_family": "creality-f4", "prompt": prompts.append},
+    )
+    run = Run(target)
+    data = new_build()
+    run(as_bin(data))
+    (written,) = list((mount / "STM32F4_UPDATE").iterdir())
+    assert written.read_bytes() == data and written.name.startswith("FW")
+    assert len(prompts) == 1 and run.flasher.verified_by == "not-confirmed"
+    assert "without the printer's serial port" in run.flasher.confirmation
