@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable, Optional
 
-from .errors import UnsupportedError
+from .errors import PreflightError, UnsupportedError
 from .flasher import Flasher, LogCallback
 from .image.model import FirmwareImage
 from .target import Target
@@ -45,6 +45,14 @@ def check_image(target: Target, image: FirmwareImage) -> list[str]:
     For ``auto`` the method is the one :func:`~.flashers.auto.choose_method` would pick; a
     target that names nothing yet has no method-specific checks."""
     method = target.method
+    if image.external and method in ("stk500v1", "stk500v2"):
+        raise PreflightError(
+            f"{image.filename or 'This file'} also carries data for the printer's external "
+            f"language flash, which the {method} method cannot write.",
+            cause="It is a Prusa MULTILANG firmware: the languages are written by the firmware "
+            "itself in a second pass, after the bootloader has written the program.",
+            hint="Use the prusa method (or auto on the printer's USB port); it writes both.",
+        )
     if method == "auto":
         from .flashers.auto import choose_method
 
@@ -53,6 +61,14 @@ def check_image(target: Target, image: FirmwareImage) -> list[str]:
         except UnsupportedError:
             return []
         if method not in FLASHER_MODULES:  # "avr": detection picks stk500v1/v2 on the board
+            if image.external:
+                raise PreflightError(
+                    f"{image.filename or 'This file'} is a Prusa MULTILANG firmware, but "
+                    f"{target.port} does not look like a Prusa printer.",
+                    cause="Only the prusa method writes the language catalogs; plain AVR "
+                    "detection would write the program alone.",
+                    hint="Choose the prusa method for an Einsy board (MK3/MK3S/MK2.5).",
+                )
             return []
     check: Optional[ImageCheck] = getattr(_module(method), "check_image", None)
     return check(image, target) if check is not None else []
