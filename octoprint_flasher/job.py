@@ -377,6 +377,13 @@ class FlashJob:
             self._leave(ctx)
             return self._conclude(ctx, None, t0)
         except FlashError as exc:
+            firmware = getattr(exc, "firmware", None)
+            if isinstance(firmware, FlashResult):
+                # a second pass failed (e.g. Prusa's languages) after the firmware itself was
+                # written and verified: the board runs the new firmware
+                ctx.flash_result = firmware
+                ctx.writing = False
+                ctx.firmware_runs = True
             return self._conclude(ctx, exc, t0)
         except Exception as exc:
             _LOG.exception("unexpected error during flash")
@@ -412,6 +419,8 @@ class FlashJob:
 
     def _board_after_error(self, ctx: _Run) -> tuple[str, str]:
         """Where the board stays after a refusal, a cancel or a failure, and why."""
+        if ctx.firmware_runs:
+            return BOARD_APPLICATION, "The new firmware is written, verified and running."
         if ctx.writing:
             return BOARD_BOOTLOADER, IN_BOOTLOADER_HINT
         if ctx.flasher is None:
@@ -627,6 +636,7 @@ class _Run:
     disconnected: bool = False
     writing: bool = False  # flash() was entered: a failure now leaves the board in its bootloader
     came_back: str = ""  # how the application was seen to come back after leave()
+    firmware_runs: bool = False  # the main image is verified and running despite the error
     flash_result: Optional[FlashResult] = None
     backup_id: Optional[str] = None
     warnings: list[str] = field(default_factory=list)

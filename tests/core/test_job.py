@@ -517,3 +517,30 @@ def test_a_board_entered_from_its_application_is_sent_home_after_a_refusal(
     assert result.board_state == "application" and "leave" in board.calls
     assert "sent back to its application" in result.message
     assert host.calls == ["disconnect", "reconnect"]
+
+
+def test_a_failed_second_pass_after_a_verified_firmware_keeps_the_printer(
+    store: Store, image_id: str
+) -> None:
+    """Prusa's languages: pass 2 fails after pass 1 wrote and verified the firmware. The board
+    runs the new firmware (in English), so it is not "left in its bootloader", and the printer
+    is reconnected."""
+    from octoprint_flasher.errors import FlashError
+
+    class SecondPassFails(FakeFlasher):
+        def flash(
+            self, image: Any, progress: Any = None, cancel: Any = None, quick: bool = False
+        ) -> FlashResult:
+            firmware = super().flash(image, progress or (lambda p: None), cancel, quick)
+            self.board.in_bootloader = False
+            err = FlashError("The languages were NOT installed.", hint="Flash again.")
+            err.firmware = firmware  # type: ignore[attr-defined]
+            raise err
+
+    board = FakeBoard()
+    host = FakeHost()
+    job = FlashJob(store, host, Recorder(), opener=lambda t, log: SecondPassFails(board, log))
+    result = job.run(image_id, TARGET)
+    assert result.status == "failed" and result.board_state == "application"
+    assert result.bytes_verified > 0 and "languages were NOT installed" in result.message
+    assert host.calls == ["disconnect", "reconnect"] and "leave" not in board.calls
