@@ -17,7 +17,7 @@ from octoprint_flasher.errors import ProtocolError
 from octoprint_flasher.protocols import dfuse
 from octoprint_flasher.protocols.dfuse import DfuSession, Timeouts
 from tests.dfu.conftest import Board, bin_image, klipper_like
-from tests.emulators.dfu_device import H723, DfuBackend, EmulatedDfuDevice, Faults
+from tests.emulators.dfu_device import H723, DfuBackend, EmulatedDfuDevice, Faults, wire_seconds
 
 K = 1024
 SECTOR = 0x08020000
@@ -146,3 +146,29 @@ def test_flasher_erases_a_non_blank_sector_again(h723: Board) -> None:
 
 def test_erase_command_bytes_are_the_aligned_sector_start() -> None:
     assert dfuse.cmd_erase(SECTOR) == b"\x41\x00\x00\x02\x08"
+
+
+def test_flasher_time_with_the_stuck_rom_stays_within_1_3x_the_device_bound() -> None:
+    """Model time (virtual clock): erase + programming + the bytes down and back up is what
+    the device needs; the recovery may add its read-back, not the 4 s deadline."""
+    clock = VirtualClock()
+    faults = Faults(stuck_busy_on_erase=True)
+    dev = EmulatedDfuDevice(H723, time_scale=1.0, faults=faults, clock=clock.now, sleep=clock.sleep)
+    dev.install_bootloader(128 * K)
+    dev.load_flash(SECTOR, klipper_like(SECTOR, 40 * K, seed=3))
+    board = Board(DfuBackend([dev]), dev)
+    flasher = board.flasher(options={"dfu_time_scale": 1.0})
+    flasher.sleep = clock.sleep
+    flasher.identify()
+    assert flasher.session is not None
+    flasher.session.clock, flasher.session.sleep = clock.now, clock.sleep
+    data = klipper_like(SECTOR, 40 * K)
+    began = clock.now()
+    flasher.flash(bin_image(data))
+    spent = clock.now() - began
+    assert dev.read_flash(SECTOR, len(data)) == data
+    assert "stuck-dnbusy" in flasher.session.quirks_used
+    bound = (
+        H723.erase_s[128 * K] + len(data) // 32 * H723.program_word_s + 2 * wire_seconds(len(data))
+    )
+    assert spent <= 1.3 * bound, f"{spent:.3f} s against a device bound of {bound:.3f} s"
