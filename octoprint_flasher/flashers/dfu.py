@@ -742,7 +742,7 @@ class DfuFlasher(Flasher):
                     False,
                     f"The board left DFU mode and came back as USB {ids}: the new firmware runs.",
                 )
-            self.sleep(self.timeouts.seconds(0.05))
+            self.sleep(self.timeouts.seconds(0.01))
         if not gone:
             raise ConnectError(
                 "The board did not leave DFU mode after the jump to the application.",
