@@ -127,6 +127,9 @@ class Flasher(abc.ABC):
     #: set by :meth:`identify` when it rebooted a running application into the bootloader
     #: (a board found waiting in its bootloader is left there after a refusal or failure)
     entered_from_app: bool = False
+    #: True while a failure would still leave the board running its (old) application: a method
+    #: that writes through the running firmware (an SD-card upload) until it resets the board
+    application_runs: bool = False
 
     def __init__(self, log: Optional[LogCallback] = None) -> None:
         self.log: LogCallback = log or no_log

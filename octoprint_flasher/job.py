@@ -421,6 +421,8 @@ class FlashJob:
         """Where the board stays after a refusal, a cancel or a failure, and why."""
         if ctx.firmware_runs:
             return BOARD_APPLICATION, "The new firmware is written, verified and running."
+        if ctx.flasher is not None and ctx.flasher.application_runs:
+            return BOARD_APPLICATION, "The board still runs its old firmware; nothing was flashed."
         if ctx.writing:
             return BOARD_BOOTLOADER, IN_BOOTLOADER_HINT
         if ctx.flasher is None:

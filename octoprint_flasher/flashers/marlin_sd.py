@@ -422,6 +422,7 @@ class MarlinSdFlasher(Flasher):
         quick: bool = False,
     ) -> FlashResult:
         t0 = time.monotonic()
+        self.application_runs = True  # until the reset, a failure leaves the old firmware running
         data = image.to_bytes()
         expected = describe_bin(data)
         state = _load_state(self.target)
@@ -555,6 +556,7 @@ class MarlinSdFlasher(Flasher):
     # -- reset and come back --
 
     def _reset_board(self, progress: ProgressCallback, klipper: bool = False) -> None:
+        self.application_runs = False  # from here on the bootloader may be flashing the card
         prompt: Optional[Callable[[str], None]] = self.target.options.get("prompt")
         needs_button = self.session is None
         if self.session is not None:
@@ -740,9 +742,10 @@ class MarlinSdFlasher(Flasher):
             hint="Flash without a backup.",
         )
 
-    def leave(self) -> None:
+    def leave(self) -> Optional[str]:
         """Nothing to leave: the board runs its application throughout (and binary mode was
         closed when the upload ended)."""
+        return None
 
 
 def _not_flashed_cause(naming: Naming, still_old: bool) -> str:

@@ -544,3 +544,27 @@ def test_a_failed_second_pass_after_a_verified_firmware_keeps_the_printer(
     assert result.status == "failed" and result.board_state == "application"
     assert result.bytes_verified > 0 and "languages were NOT installed" in result.message
     assert host.calls == ["disconnect", "reconnect"] and "leave" not in board.calls
+
+
+def test_a_failed_upload_through_the_running_firmware_reconnects_the_printer(
+    store: Store, image_id: str
+) -> None:
+    """marlin-sd writes through the printer's own firmware until it resets the board: a failed
+    upload leaves the old firmware running, not a bootloader, so the printer comes back."""
+    from octoprint_flasher.errors import ProtocolError
+
+    class UploadFails(FakeFlasher):
+        def flash(
+            self, image: Any, progress: Any = None, cancel: Any = None, quick: bool = False
+        ) -> FlashResult:
+            self.application_runs = True
+            self.board.in_bootloader = False
+            raise ProtocolError("The printer stopped answering during the upload.")
+
+    board = FakeBoard()
+    host = FakeHost()
+    job = FlashJob(store, host, Recorder(), opener=lambda t, log: UploadFails(board, log))
+    result = job.run(image_id, TARGET)
+    assert result.status == "failed" and result.board_state == "application"
+    assert "still runs its old firmware" in result.message
+    assert host.calls == ["disconnect", "reconnect"] and result.reconnected is True
