@@ -29,6 +29,10 @@ if HAVE_OCTOPRINT:
         "octoprint.printer.handle_connect": __plugin_implementation__.handle_connect,
         "octoprint.events.register_custom_events": register_custom_events,
         "octoprint.server.sockjs.emit": __plugin_implementation__.socket_emit_hook,
+        "octoprint.comm.protocol.firmware.info": __plugin_implementation__.firmware_info_hook,
+        "octoprint.comm.protocol.firmware.capabilities": (
+            __plugin_implementation__.firmware_capability_hook
+        ),
         "octoprint.plugin.softwareupdate.check_config": (
             __plugin_implementation__.get_update_information
         ),

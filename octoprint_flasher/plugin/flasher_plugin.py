@@ -53,6 +53,9 @@ class FlasherPlugin(
         # the flasher opener; None means methods.open_flasher (tests inject a fake board)
         self._opener: Optional[Callable[..., Any]] = None
         self._current_image_id: Optional[str] = None
+        # what the printer's firmware said of itself on OctoPrint's connection (M115)
+        self._printer_firmware: dict[str, Any] = {}
+        self._printer_caps: dict[str, bool] = {}
 
     ##~~ lifecycle
 
@@ -137,6 +140,22 @@ class FlasherPlugin(
 
     ##~~ hooks
 
+    def firmware_info_hook(
+        self,
+        comm: Any,
+        firmware_name: str,
+        firmware_data: dict[str, Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> None:
+        self._printer_firmware = dict(firmware_data or {})
+        self._printer_firmware.setdefault("FIRMWARE_NAME", firmware_name)
+
+    def firmware_capability_hook(
+        self, comm: Any, capability: str, enabled: bool, already_defined: Any, *a: Any, **kw: Any
+    ) -> None:
+        self._printer_caps[str(capability)] = bool(enabled)
+
     def get_additional_permissions(self, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
         return [
             {
@@ -201,8 +220,48 @@ class FlasherPlugin(
             self._load_transports()
         return self._transports
 
+    def flasher_printer_facts(self) -> dict[str, Any]:
+        """What OctoPrint's own connection learnt from the printer's M115: its firmware, and
+        whether it can take a firmware.bin over the serial link (marlin-sd)."""
+        facts: dict[str, Any] = {}
+        name = self._printer_firmware.get("FIRMWARE_NAME")
+        if name:
+            facts["firmware"] = str(name)
+        if self._printer_caps.get("BINARY_FILE_TRANSFER"):
+            facts["preferred_method"] = "marlin-sd"
+            facts["sd_upload"] = True
+        return facts
+
+    def flasher_rescue(self, port: str) -> str:
+        from ..flashers import marlin_sd
+
+        ours = port == self._printer.get_current_connection()[1]
+        if ours:
+            self._host.options = self._host_options()
+            self._host.disconnect()
+        try:
+            return marlin_sd.rescue(port, self._connection_baud(), log=self._console_line)
+        finally:
+            if ours:
+                self._host.release()
+                self._host.reconnect()
+
+    def _connection_baud(self) -> int:
+        remembered = getattr(self._host, "remembered", None)
+        baud = self._printer.get_current_connection()[2] or getattr(remembered, "baudrate", None)
+        return int(baud or 115200)
+
+    def _prompt_user(self, message: str) -> None:
+        """The flasher needs a hand now (press the reset button): tell the page at once."""
+        self._console_line(f"!! {message}")
+        self._send_message({"type": "prompt", "message": message})
+
     def flasher_start(self, image_id: str, target: Target, backup: bool) -> None:
         self._host.options = self._host_options()
+        target.options.setdefault("prompt", self._prompt_user)
+        target.options.setdefault("state_dir", self.get_plugin_data_folder())
+        if target.method == "marlin-sd" and not target.baud:
+            target.baud = self._connection_baud()
         self._targets.remember_image(image_id, target_to_json(target))
         with self._lock:
             self._current_image_id = image_id

@@ -100,6 +100,12 @@ def _positive_int(value: Any, name: str) -> Optional[int]:
     return number
 
 
+#: marlin-sd choices the page may send
+SD_OPTIONS = ("sd_family", "sd_filename")
+#: methods that reach a board by USB id or path as well as by port
+USB_METHODS = ("picoboot", "avr109", "prusa")
+
+
 def target_from_json(
     data: Any, defaults: dict[str, Any], transports: Optional[dict[str, Any]] = None
 ) -> Target:
@@ -168,7 +174,16 @@ def target_from_json(
         quick=None if data.get("quick") is None else bool(data.get("quick")),
         allow_bootloader_erase=bool(data.get("allow_bootloader_erase", False)),
     )
-    if method != "auto" and method != "dfu" and method != "katapult" and not port:
+    for key in SD_OPTIONS:  # marlin-sd: which SD bootloader, which file name
+        value = str(data.get(key) or "").strip()
+        if value:
+            target.options[key] = value
+    if method in USB_METHODS and not port and not (usb or target.usb_path):
+        raise RequestError(
+            f"The {method} method needs a USB device or its serial port.",
+            hint="Pick the board from the device list.",
+        )
+    if method not in ("auto", "dfu", "katapult", *USB_METHODS) and not port:
         raise RequestError(
             f"The {method} method needs a serial port.",
             hint="Pick the printer's port from the device list or type it.",
@@ -420,6 +435,8 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
     flasher_defaults: Callable[[], dict[str, Any]]
     flasher_transports: Callable[[], dict[str, Any]]
     flasher_start: Callable[[str, Target, bool], None]
+    flasher_printer_facts: Callable[[], dict[str, Any]]
+    flasher_rescue: Callable[[str], str]
 
     # -- routes ---------------------------------------------------------------------------
 
@@ -530,6 +547,25 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
         self._job.cancel()
         return flask.jsonify({"status": self._job.status()})
 
+    @octoprint.plugin.BlueprintPlugin.route("/rescue", methods=["POST"])
+    @Permissions.PLUGIN_FLASHER_FLASH.require(403)
+    def rescue(self) -> Any:
+        """Get a Marlin printer out of binary file-transfer mode (a host that died mid-upload
+        leaves it deaf to G-code until it is power-cycled)."""
+        data = flask.request.get_json(silent=True) or {}
+        port = str(data.get("port") or "").strip()
+        try:
+            if not port.startswith("/"):
+                raise RequestError(
+                    "Give the printer's serial port.", hint="Pick it from the device list."
+                )
+            if self._job.running:
+                raise BusyError("A flash is running.", hint="Wait for it to finish first.")
+            said = self.flasher_rescue(port)
+        except FlashError as exc:
+            return error_response(exc, status_for(exc))
+        return flask.jsonify({"message": said})
+
     @octoprint.plugin.BlueprintPlugin.route("/status", methods=["GET"])
     @Permissions.PLUGIN_FLASHER_FLASH.require(403)
     def status(self) -> Any:
@@ -576,6 +612,8 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
         for device in found:
             data = _jsonable(device.to_dict())
             data["printer"] = bool(printer_port and device.port == printer_port)
+            if data["printer"]:
+                data.update(self.flasher_printer_facts())
             devices.append(data)
         warnings = [str(w) for w in found.warnings]
         return flask.jsonify({"devices": devices, "warnings": warnings})

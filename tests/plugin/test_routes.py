@@ -438,3 +438,48 @@ def test_old_uploads_are_pruned_but_backups_are_kept(harness: Harness, hex_file:
     assert backup.id in kept
     assert set(ids[-KEPT_UPLOADS:]) <= kept
     assert not set(ids[:3]) & kept
+
+
+# --- the printer's own firmware (marlin-sd) and the user's hand ------------------------------
+
+
+def test_a_printer_that_reports_binary_file_transfer_is_offered_the_sd_upload(
+    harness: Harness, tmp_path: Path
+) -> None:
+    pty = tmp_path / "ttyFLASHER1"
+    pty.write_text("")
+    harness.printer.port = str(pty)
+    harness.settings.values["extra_port_globs"] = [str(pty)]
+    plugin = harness.plugin
+    plugin.firmware_info_hook(None, "Marlin", {"FIRMWARE_NAME": "Marlin 2.1.2.7 (Sep 27 2024)"})
+    plugin.firmware_capability_hook(None, "BINARY_FILE_TRANSFER", True, {})
+    devices = harness.client.get("/plugin/flasher/devices").get_json()["devices"]
+    (printer,) = [d for d in devices if d["printer"]]
+    assert printer["preferred_method"] == "marlin-sd" and printer["sd_upload"] is True
+    assert printer["firmware"].startswith("Marlin 2.1.2.7")
+
+
+def test_a_printer_without_binary_file_transfer_gets_no_sd_upload(
+    harness: Harness, tmp_path: Path
+) -> None:
+    pty = tmp_path / "ttyFLASHER1"
+    pty.write_text("")
+    harness.printer.port = str(pty)
+    harness.settings.values["extra_port_globs"] = [str(pty)]
+    harness.plugin.firmware_capability_hook(None, "BINARY_FILE_TRANSFER", False, {})
+    devices = harness.client.get("/plugin/flasher/devices").get_json()["devices"]
+    (printer,) = [d for d in devices if d["printer"]]
+    assert "preferred_method" not in printer
+
+
+def test_the_flasher_can_ask_the_user_to_press_reset_through_the_page(
+    harness: Harness, hex_file: Path
+) -> None:
+    image_id = _upload_ok(harness, hex_file)["image"]["id"]
+    harness.client.post("/plugin/flasher/flash", json={"image_id": image_id, "target": TARGET})
+    harness.wait_idle()
+    (target,) = harness.opened
+    target.options["prompt"]("Press the printer board's reset button now.")
+    prompts = [m for _, m in harness.messages if m.get("type") == "prompt"]
+    assert prompts == [{"type": "prompt", "message": "Press the printer board's reset button now."}]
+    assert target.options["state_dir"] == harness.plugin.get_plugin_data_folder()

@@ -39,6 +39,9 @@ $(function () {
         self.backup = ko.observable(false);
         self.quick = ko.observable(false);
         self.printerBoard = ko.observable(false);
+        self.sdFamily = ko.observable("");
+        self.promptText = ko.observable("");
+        self.rescueText = ko.observable("");
 
         // -- file and verdict
         self.fileName = ko.observable("");
@@ -87,7 +90,8 @@ $(function () {
                 t.port = manual;
             } else if (dev) {
                 // discovery knows the method of boards no probe can tell (RP2040 boot ROM, ...)
-                if (t.method === "auto" && dev.method && dev.kind !== "serial") t.method = dev.method;
+                var preferred = dev.preferred_method || (dev.kind !== "serial" && dev.method);
+                if (t.method === "auto" && preferred) t.method = preferred;
                 if (dev.port) t.port = dev.port;
                 if (dev.usb_path) t.usb_path = dev.usb_path;
                 if (dev.kind === "usb-dfu" && dev.usb_id) t.usb = dev.usb_id;
@@ -99,6 +103,7 @@ $(function () {
             if ((self.address() || "").trim()) t.address = self.address().trim();
             if (self.allowBootloader()) t.allow_bootloader_erase = true;
             if (self.quick()) t.quick = true;
+            if (t.method === "marlin-sd" && self.sdFamily()) t.sd_family = self.sdFamily();
             return t;
         });
         // the printer is disconnected only for its own board: its port, or the user says so
@@ -109,6 +114,28 @@ $(function () {
         self.isPrinterTarget = ko.pureComputed(function () {
             return self.isPrinterPort() || self.printerBoard();
         });
+        // the printer takes a firmware.bin over its own serial link (Marlin file transfer)
+        self.isSdUpload = ko.pureComputed(function () {
+            return self.target().method === "marlin-sd";
+        });
+        self.rescue = function () {
+            var port = self.target().port;
+            if (!port) return;
+            self.rescueText("");
+            $.ajax({
+                url: self.base + "rescue",
+                type: "POST",
+                data: JSON.stringify({port: port}),
+                contentType: "application/json; charset=UTF-8",
+                dataType: "json"
+            })
+                .done(function (data) {
+                    self.rescueText(data.message || "");
+                })
+                .fail(function (xhr) {
+                    self.showHttpError(gettext("Rescue"), xhr);
+                });
+        };
         self.targetJson = ko.pureComputed(function () {
             return JSON.stringify(self.target());
         });
@@ -194,6 +221,7 @@ $(function () {
                 writing: gettext("Writing"),
                 verifying: gettext("Verifying (reading back)"),
                 leaving_bootloader: gettext("Starting the new firmware"),
+                flashing_from_sd: gettext("Waiting for the board to flash itself from the SD card"),
                 reconnecting: gettext("Reconnecting the printer"),
                 done: gettext("Done"),
                 failed: gettext("Failed"),
@@ -393,6 +421,7 @@ $(function () {
         };
         self.startFlash = function (confirmed) {
             self.clearHttpError();
+            self.promptText("");
             self.result(null);
             self.logLines([]);
             var body = {
@@ -510,7 +539,10 @@ $(function () {
                 var all = self.logLines().concat(lines);
                 self.logLines(all.slice(-LOG_LIMIT));
             } else if (data.type === "result") {
+                self.promptText("");
                 self.applyResult(data);
+            } else if (data.type === "prompt") {
+                self.promptText(data.message || "");
             }
         };
 
