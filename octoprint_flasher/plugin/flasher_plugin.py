@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import logging.handlers
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -56,6 +57,7 @@ class FlasherPlugin(
         # what the printer's firmware said of itself on OctoPrint's connection (M115)
         self._printer_firmware: dict[str, Any] = {}
         self._printer_caps: dict[str, bool] = {}
+        self._flashing_port: Optional[str] = None  # the serial port the running job uses
 
     ##~~ lifecycle
 
@@ -176,8 +178,12 @@ class FlasherPlugin(
         return [("POST", r"/upload", limit + 64 * 1024)]
 
     def handle_connect(self, printer: Any, *args: Any, **kwargs: Any) -> bool:
-        """Veto OctoPrint connecting while a flash holds the port (True = handled/blocked)."""
-        if self._host is not None and self._host.veto_connect():
+        """Veto OctoPrint connecting while a flash holds the port, or while a flash runs on the
+        port it wants (or on any serial port when it would pick one itself): opening it would
+        reset the board mid-write (True = handled/blocked)."""
+        if (self._host is not None and self._host.veto_connect()) or self._flashing_port_wanted(
+            kwargs.get("port")
+        ):
             line = "Refused a printer connection: firmware is being flashed on that port."
             self._logger.warning(line)
             self._console_line(line)
@@ -220,6 +226,14 @@ class FlasherPlugin(
             self._load_transports()
         return self._transports
 
+    def _flashing_port_wanted(self, port: Any) -> bool:
+        flashing = self._flashing_port
+        if not flashing or self._job is None or not self._job.running:
+            return False
+        if not port or str(port).upper() == "AUTO":
+            return True
+        return os.path.realpath(str(port)) == os.path.realpath(flashing)
+
     def flasher_printer_facts(self) -> dict[str, Any]:
         """What OctoPrint's own connection learnt from the printer's M115: its firmware, and
         whether it can take a firmware.bin over the serial link (marlin-sd)."""
@@ -258,6 +272,7 @@ class FlasherPlugin(
 
     def flasher_start(self, image_id: str, target: Target, backup: bool) -> None:
         self._host.options = self._host_options()
+        self._flashing_port = target.port
         target.options.setdefault("prompt", self._prompt_user)
         target.options.setdefault("state_dir", self.get_plugin_data_folder())
         if target.method == "marlin-sd" and not target.baud:

@@ -534,6 +534,8 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
             return False
         ours = [self._printer.get_current_connection()[1]]
         ours.append(self._settings.global_get(["serial", "port"]))
+        remembered = getattr(getattr(self, "_host", None), "remembered", None)
+        ours.append(getattr(remembered, "port", None))  # the last connection a flash restored
         real = os.path.realpath(port)
         return any(p and (p == port or os.path.realpath(str(p)) == real) for p in ours)
 

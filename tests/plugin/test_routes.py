@@ -277,6 +277,25 @@ def test_connect_attempts_are_vetoed_while_the_flash_holds_the_port(
     assert len(harness.printer.connects) == 1  # our own reconnect was not vetoed
 
 
+def test_a_connect_to_the_port_being_flashed_is_vetoed_even_when_it_is_not_the_printers(
+    harness: Harness, hex_file: Path
+) -> None:
+    """The printer was disconnected by hand and its port flashed: OctoPrint must not open the
+    port mid-write (opening it resets the board)."""
+    harness.printer.port = None  # nothing connected, no default port configured
+    harness.board.gate = threading.Event()
+    image_id = _upload_ok(harness, hex_file)["image"]["id"]
+    harness.client.post("/plugin/flasher/flash", json={"image_id": image_id, "target": TARGET})
+    harness.wait_for("the flash to run", lambda: harness.plugin._job.running)
+    assert harness.printer.disconnects == 0  # not the printer's port: nothing to disconnect
+    assert harness.plugin.handle_connect(harness.printer, port="/dev/ttyUSB0") is True
+    assert harness.plugin.handle_connect(harness.printer, port="AUTO") is True
+    assert harness.plugin.handle_connect(harness.printer, port="/dev/ttyACM9") is False
+    harness.board.gate.set()
+    harness.wait_idle()
+    assert harness.plugin.handle_connect(harness.printer, port="/dev/ttyUSB0") is False
+
+
 # --- cancel ----------------------------------------------------------------------------------
 
 
