@@ -275,41 +275,22 @@ class PrusaFlasher(Stk500v2Flasher):
             return self._session_with_retries(pages, progress, cancel)
         return super()._write_run(pages, progress, cancel)
 
-    def _write_session(
-        self,
-        pages: list[tuple[int, bytes]],
-        progress: Callable[[int], None],
-        cancel: Optional[CancelToken],
-    ) -> list[tuple[int, bytes]]:
-        assert pages[0][0] == 0, "stk500v2 runs start at page 0"
-        written: list[tuple[int, bytes]] = []
-        if self._address != 0:
-            self.proto.load_address(0)
-            self._address = 0
-        for addr, data in pages:
-            if cancel is not None:
-                cancel.check()
-            if self._needs_rounds(data):
-                self._program(addr, bytes(0x3F if b == SEMICOLON else b for b in data))
-                self._seek_for_program(addr)
-                self._program(addr, bytes(0xFB if b == SEMICOLON else 0xFF for b in data))
-                self.rounds += 1
-            else:
-                self._program(addr, data)
-            written.append((addr, data))
-            progress(len(data))
-        return written
+    def _program_page(self, addr: int, data: bytes) -> None:
+        """A page holding ';' on a USB chip with the defect goes in two rounds: ';' first
+        written as '?' (0x3F), then the same page again with 0xFB where ';' belongs and 0xFF
+        elsewhere (flash programming only clears bits: 0x3F & 0xFB = 0x3B)."""
+        if not self._needs_rounds(data):
+            self._program(addr, data)
+            return
+        self._program(addr, bytes(0x3F if b == SEMICOLON else b for b in data))
+        self._seek_for_program(addr)
+        self._program(addr, bytes(0xFB if b == SEMICOLON else 0xFF for b in data))
+        self.rounds += 1
 
     def _program(self, addr: int, data: bytes) -> None:
         if self._address != addr:
             self._seek_for_program(addr)
-        self._address = None  # unknown until the answer is in
-        seq = self.proto.send_program(data)
-        if not self.proto.answer_started(self.page_timeout):
-            raise Stk500v2Error(f"No answer to PROGRAM_FLASH_ISP at 0x{addr:05X}.", silent=True)
-        self.proto.finish_program(seq)
-        self.programmed += 1
-        self._address = addr + len(data)
+        super()._program_page(addr, data)
 
     def _seek_for_program(self, addr: int) -> None:
         """LOAD_ADDRESS ``addr``; when that frame would carry 0x3B, load the page before and

@@ -247,16 +247,20 @@ class Stk500v2Flasher(AvrSerialFlasher):
         for addr, data in pages:
             if cancel is not None:
                 cancel.check()
-            self._address = None  # unknown until the answer is in
-            seq = self.proto.send_program(data)
-            if not self.proto.answer_started(self.page_timeout):
-                raise Stk500v2Error(f"No answer to PROGRAM_FLASH_ISP at 0x{addr:05X}.", silent=True)
-            self.proto.finish_program(seq)
-            self.programmed += 1
-            self._address = addr + len(data)
+            self._program_page(addr, data)
             written.append((addr, data))
             progress(len(data))
         return written
+
+    def _program_page(self, addr: int, data: bytes) -> None:
+        """One PROGRAM_FLASH_ISP at the bootloader's current address, and its whole answer."""
+        self._address = None  # unknown until the answer is in
+        seq = self.proto.send_program(data)
+        if not self.proto.answer_started(self.page_timeout):
+            raise Stk500v2Error(f"No answer to PROGRAM_FLASH_ISP at 0x{addr:05X}.", silent=True)
+        self.proto.finish_program(seq)
+        self.programmed += 1
+        self._address = addr + len(data)
 
 
 def open_flasher(target: Target, log: Optional[LogCallback] = None) -> Stk500v2Flasher:
