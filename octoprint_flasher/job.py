@@ -318,6 +318,7 @@ class FlashJob:
             image = self.store.load_image(image_id)
             # image checks: no board is touched and the printer stays connected
             image = cortex_m.place(image, target.address)
+            target = ctx.target = methods.resolve_method(target, image)
             ctx.image = image
             self._image_summary = dict(image.summary(), id=image_id)
             method = None if target.method == "auto" else target.method

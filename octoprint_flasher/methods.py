@@ -9,6 +9,7 @@ does not exist yet fails with a clear "not available".
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Callable, Optional
 
@@ -37,6 +38,25 @@ ImageCheck = Callable[[FirmwareImage, Target], list[str]]
 def get_opener(method: str) -> Opener:
     opener: Opener = _module(method).open_flasher
     return opener
+
+
+#: what a Prusa file's header says it is for (FirmwareImage.extra["prusa"]["kind"]) -> method
+FILE_KIND_METHODS = {
+    "mk3-multilang": "prusa",
+    "avr-printer": "prusa",
+    "mmu": "avr109",
+    "cw1": "avr109",
+    "cw1s": "avr109",
+}
+
+
+def resolve_method(target: Target, image: FirmwareImage) -> Target:
+    """``auto`` with a file that names the board it is for (a Prusa header): that method, so a
+    MULTILANG file on a port without Prusa's USB id still gets both passes."""
+    if target.method != "auto":
+        return target
+    method = FILE_KIND_METHODS.get(str((image.extra.get("prusa") or {}).get("kind")))
+    return dataclasses.replace(target, method=method) if method else target
 
 
 def check_image(target: Target, image: FirmwareImage) -> list[str]:

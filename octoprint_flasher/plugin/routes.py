@@ -484,6 +484,7 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
             if not self._job.running:  # never pull an image from under a running flash
                 prune_uploads(self._store)
             image = cortex_m.place(self._store.load_image(stored.id), target.address)
+            target = methods.resolve_method(target, image)
             report = check_offline(image, mcu_name=target.mcu, method=target.method)
             if report.ok:  # the method's own image checks, as the job runs them before touching
                 try:

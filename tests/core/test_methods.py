@@ -29,3 +29,21 @@ def test_a_multilang_file_is_refused_by_methods_that_would_write_only_the_progra
 
 def test_a_target_that_names_nothing_has_no_method_checks() -> None:
     assert methods.check_image(Target(method="auto"), multilang()) == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "method"),
+    [("mk3-multilang", "prusa"), ("avr-printer", "prusa"), ("mmu", "avr109"), ("cw1s", "avr109")],
+)
+def test_auto_takes_the_method_a_prusa_file_names(kind: str, method: str) -> None:
+    image = multilang()
+    image.extra["prusa"] = {"kind": kind}
+    resolved = methods.resolve_method(Target(method="auto", port="/dev/ttyACM0"), image)
+    assert resolved.method == method and resolved.port == "/dev/ttyACM0"
+
+
+def test_a_method_the_user_chose_is_kept_whatever_the_file_says() -> None:
+    image = multilang()
+    image.extra["prusa"] = {"kind": "mmu"}
+    assert methods.resolve_method(Target(method="stk500v2"), image).method == "stk500v2"
+    assert methods.resolve_method(Target(method="auto"), FirmwareImage([])).method == "auto"
