@@ -139,6 +139,9 @@ class FlasherPlugin(
             self._store.max_size = flasher_settings.max_upload_bytes(
                 self._settings.get(["max_upload_mb"])
             )
+        if event == Events.DISCONNECTED:
+            # what one printer said of itself must not describe the next port connected
+            self._printer_firmware, self._printer_caps = {}, {}
 
     ##~~ hooks
 
@@ -152,6 +155,7 @@ class FlasherPlugin(
     ) -> None:
         self._printer_firmware = dict(firmware_data or {})
         self._printer_firmware.setdefault("FIRMWARE_NAME", firmware_name)
+        self._printer_caps = {}  # the Cap: lines of this M115 answer follow
 
     def firmware_capability_hook(
         self, comm: Any, capability: str, enabled: bool, already_defined: Any, *a: Any, **kw: Any
@@ -180,7 +184,10 @@ class FlasherPlugin(
     def handle_connect(self, printer: Any, *args: Any, **kwargs: Any) -> bool:
         """Veto OctoPrint connecting while a flash holds the port, or while a flash runs on the
         port it wants (or on any serial port when it would pick one itself): opening it would
-        reset the board mid-write (True = handled/blocked)."""
+        reset the board mid-write (True = handled/blocked). The job's own reconnect, after the
+        board is done, is never vetoed."""
+        if self._host is not None and self._host.reconnecting:
+            return False
         if (self._host is not None and self._host.veto_connect()) or self._flashing_port_wanted(
             kwargs.get("port")
         ):

@@ -138,6 +138,12 @@ class OctoPrintHost:
         with self._lock:
             return self._holding
 
+    @property
+    def reconnecting(self) -> bool:
+        """Our own reconnect after a flash is under way: the one connect never to veto."""
+        with self._lock:
+            return self._reconnecting
+
     def veto_connect(self) -> bool:
         """True while a flash holds the port and the connect is not our own reconnect."""
         with self._lock:
