@@ -39,7 +39,10 @@ SRC = Path(os.environ.get("FLASHER_AVR_SRC", REPO / "tests" / "simavr"))
 BUILD = Path(os.environ.get("FLASHER_AVR_BUILD", REPO / "build" / "avr"))
 DEBIAN_AVR = Path("/usr/share/arduino/hardware/arduino/avr")
 OPTIBOOT_SRC = DEBIAN_AVR / "bootloaders" / "optiboot"
-STK500V2_HEX = DEBIAN_AVR / "bootloaders" / "stk500v2" / "stk500boot_v2_mega2560.hex"
+STK500V2_SRC = DEBIAN_AVR / "bootloaders" / "stk500v2"
+STK500V2_HEX = STK500V2_SRC / "stk500boot_v2_mega2560.hex"
+#: Debian's Mega stk500v2 source + our Prusa patch (the 0x71 command), built by build_all()
+EINSY_BOOT_HEX = BUILD / "bootloaders" / "stk500v2_prusa_atmega2560.hex"
 F_CPU = 16_000_000
 
 
@@ -87,6 +90,10 @@ class BoardConfig:
     baud: int  # the bootloader's (and the test firmware's) nominal baud rate
     protocol: str  # "stk500v1" (optiboot, avrdude -c arduino) or "stk500v2" (-c wiring)
     optiboot: Optional[OptibootBuild] = None
+    #: a W25X20CL SPI flash with /CS on this port pin (the Einsy's language flash: "C5")
+    spi_flash: Optional[str] = None
+    #: BOOTRST: every reset, the watchdog's too, starts the bootloader (Einsy fuses H=0xD8)
+    bootrst: bool = False
 
     @property
     def info(self) -> McuInfo:
@@ -121,6 +128,18 @@ CONFIGS: Dict[str, BoardConfig] = {
     "m2560-optiboot": _optiboot_config("m2560-optiboot", "m2560"),
     "m2560-stk500v2": BoardConfig(
         "m2560-stk500v2", "atmega2560", STK500V2_HEX, 0x3E000, 115200, "stk500v2"
+    ),
+    # Prusa MK3 Einsy RAMBo: stk500v2 built from Debian's source with our Prusa patch, the
+    # W25X20CL language flash on SPI with /CS on PC5 (research/prusa.md §5.1-5.2)
+    "einsy-prusa": BoardConfig(
+        "einsy-prusa",
+        "atmega2560",
+        EINSY_BOOT_HEX,
+        0x3E000,
+        115200,
+        "stk500v2",
+        spi_flash="C5",
+        bootrst=True,
     ),
 }
 
@@ -182,12 +201,12 @@ _SIMBOARD_LIBS = ["-lsimavr", "-lelf", "-lpthread", "-lutil"]
 def simboard_binary() -> Path:
     """Build (if needed) and return the simboard executable."""
     out = BUILD / "simboard"
-    src = SRC / "simboard.c"
-    key = _digest(src, _SIMBOARD_CMD, _SIMBOARD_LIBS)
+    srcs = [SRC / "simboard.c", SRC / "spiflash.c"]
+    key = _digest(*srcs, SRC / "spiflash.h", _SIMBOARD_CMD, _SIMBOARD_LIBS)
     with _BuildLock():
         if not _cached(out, key):
             tmp = out.with_name("simboard.tmp")
-            _run([*_SIMBOARD_CMD, "-o", str(tmp), str(src), *_SIMBOARD_LIBS])
+            _run([*_SIMBOARD_CMD, "-o", str(tmp), *map(str, srcs), *_SIMBOARD_LIBS])
             tmp.replace(out)
             _stamp(out, key)
     return out
@@ -261,11 +280,66 @@ def _elf_text_size(elf: Path) -> int:
     raise BuildError(f"no .text section in {elf}")
 
 
+# Debian's Makefile, target mega2560 (avr-gcc 5.4 takes these flags unchanged)
+_STK500V2_CFLAGS = [
+    "-mmcu=atmega2560",
+    "-g",
+    "-DF_CPU=16000000UL",
+    "-Os",
+    "-funsigned-char",
+    "-funsigned-bitfields",
+    "-fpack-struct",
+    "-fshort-enums",
+    "-fno-jump-tables",
+    "-Wall",
+    "-Wstrict-prototypes",
+    "-std=gnu99",
+    "-D_MEGA_BOARD_",
+    "-Wl,--section-start=.text=0x3e000",
+]
+_STK500V2_FILES = ("stk500boot.c", "command.h", "avr_cpunames.h", "avrinterruptnames.h")
+
+
+def build_stk500v2_prusa() -> Path:
+    """The Einsy bootloader: Debian's Mega stk500v2 source plus ``stk500v2-prusa.patch``
+    (Prusa's 0x71 upload-size command), compiled as Debian's Makefile does for mega2560."""
+    out = EINSY_BOOT_HEX
+    patch = SRC / "stk500v2-prusa.patch"
+    missing = [f for f in _STK500V2_FILES if not (STK500V2_SRC / f).exists()]
+    if missing:
+        raise BuildError(
+            f"{STK500V2_SRC} lacks {', '.join(missing)}: install Debian's arduino-core-avr"
+        )
+    key = _digest(*(STK500V2_SRC / f for f in _STK500V2_FILES), patch, _STK500V2_CFLAGS)
+    with _BuildLock():
+        if _cached(out, key):
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix="stk500v2-", dir=BUILD))
+        try:
+            for f in _STK500V2_FILES:
+                shutil.copy(STK500V2_SRC / f, work / f)
+            _run(["patch", "-p1", "--quiet", "-i", str(patch)], cwd=work)
+            elf = work / "stk500boot.elf"
+            _run(["avr-gcc", *_STK500V2_CFLAGS, "-I.", "-o", str(elf), "stk500boot.c"], cwd=work)
+            size = _elf_text_size(elf)
+            if size > 0x40000 - 0x3E000:
+                raise BuildError(f"stk500v2 for the Einsy is {size} bytes, boot section 8192")
+            tmp = out.with_name(out.name + ".tmp")
+            _run(["avr-objcopy", "-j", ".text", "-j", ".data", "-O", "ihex", str(elf), str(tmp)])
+            tmp.replace(out)
+            _stamp(out, key)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 def build_all() -> None:
     """Build simboard and every bootloader we compile ourselves (idempotent, cached)."""
     simboard_binary()
     for ob in _OPTIBOOTS.values():
         build_optiboot(ob)
+    build_stk500v2_prusa()
     if not STK500V2_HEX.exists():
         raise BuildError(f"{STK500V2_HEX} is missing: install Debian's arduino-core-avr")
 
@@ -297,7 +371,9 @@ def _write_ihex(data: bytes, path: Path, base: int = 0) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _compile_fw(mcu: str, name: str, baud: int, pad: Path, elf: Path) -> int:
+def _compile_fw(
+    mcu: str, name: str, baud: int, pad: Path, elf: Path, defines: Optional[List[str]] = None
+) -> int:
     """Compile the test firmware; return where its image ends (the CRC goes there)."""
     _run(
         [
@@ -310,6 +386,7 @@ def _compile_fw(mcu: str, name: str, baud: int, pad: Path, elf: Path) -> int:
             f"-DBAUD_RATE={baud}UL",
             f'-DFW_NAME="{name}"',
             f'-DPAD_FILE="{pad}"',
+            *(defines or []),
             "-o",
             str(elf),
             str(SRC / "testfw.c"),
@@ -323,24 +400,45 @@ def _compile_fw(mcu: str, name: str, baud: int, pad: Path, elf: Path) -> int:
     raise BuildError(f"__data_load_end not found in {elf}")
 
 
+#: Einsy firmware behaviours (testfw.c XFLASH_MODE): the MK3 firmware's start-up variants
+XFLASH_MODES = {"prusa": 1, "old": 2, "silent": 3}
+
+
 def build_test_firmware(
-    mcu: str, name: str, size: Optional[int] = None, baud: int = 115200
+    mcu: str,
+    name: str,
+    size: Optional[int] = None,
+    baud: int = 115200,
+    *,
+    xflash: Optional[str] = None,
+    signature: Optional[int] = None,
 ) -> Path:
     """Build the test firmware for ``mcu`` as Intel HEX in ``build/avr/fw/``.
 
     ``size`` asks for an image of exactly that many bytes (padding fills the difference);
     without it the image is as small as the firmware (about 2 KiB). The firmware prints
     ``ok crc`` only if every byte of it arrived intact.
+
+    ``xflash`` (ATmega2560 only) builds the Einsy variant: ``"prusa"`` serves the MK3
+    language-flash handshake and handler after ``start``, ``"old"`` prints ``start`` without
+    a handler, ``"silent"`` never prints ``start``. ``signature`` is stored in flash as the
+    firmware's language signature (catalogs carry the same 4 bytes).
     """
     if mcu not in MCUS:
         raise ValueError(f"unknown mcu {mcu!r}; known: {', '.join(MCUS)}")
+    defines: List[str] = []
+    if xflash is not None:
+        if mcu != "atmega2560" or xflash not in XFLASH_MODES:
+            raise ValueError(f"xflash={xflash!r} needs atmega2560 and one of {list(XFLASH_MODES)}")
+        defines = [f"-DXFLASH_MODE={XFLASH_MODES[xflash]}", f"-DLANG_SIGNATURE={signature or 0}UL"]
     if not _NAME_RE.match(name):
         raise ValueError(f"firmware name {name!r} must match {_NAME_RE.pattern}")
     room = max(c.boot_start for c in CONFIGS.values() if c.mcu == mcu)
     if size is not None and size > room:
         raise ValueError(f"{size} bytes do not fit below any {mcu} bootloader ({room} bytes)")
-    key = _digest(SRC / "testfw.c", mcu, name, size, baud, F_CPU, CRC_SIZE)
-    out = BUILD / "fw" / f"testfw-{mcu}-{name}-{size or 'min'}-{baud}-{key[:8]}.hex"
+    key = _digest(SRC / "testfw.c", mcu, name, size, baud, F_CPU, CRC_SIZE, *defines)
+    variant = f"-{xflash}" if xflash else ""
+    out = BUILD / "fw" / f"testfw-{mcu}{variant}-{name}-{size or 'min'}-{baud}-{key[:8]}.hex"
     if out.exists():
         return out
     with _BuildLock():
@@ -353,7 +451,7 @@ def build_test_firmware(
             elf = work / "fw.elf"
             seed = f"{mcu}/{name}/{size}"
             pad.write_bytes(_pad_bytes(seed, 16))
-            end = _compile_fw(mcu, name, baud, pad, elf)
+            end = _compile_fw(mcu, name, baud, pad, elf, defines)
             if size is not None:
                 # the padding array sits before the code, which the linker aligns to a word:
                 # retry once to absorb that alignment byte
@@ -364,7 +462,7 @@ def build_test_firmware(
                             f"size {size} is smaller than the firmware itself ({end + CRC_SIZE})"
                         )
                     pad.write_bytes(_pad_bytes(seed, want))
-                    end = _compile_fw(mcu, name, baud, pad, elf)
+                    end = _compile_fw(mcu, name, baud, pad, elf, defines)
                     if end + CRC_SIZE == size:
                         break
                 else:
@@ -415,10 +513,14 @@ class SimBoard:
         log_path: Optional[Path] = None,
         flash_bin: Optional[Path] = None,
         spm_time_us: int = 4000,
+        spi_bin: Optional[Path] = None,
+        semicolon_defect: bool = False,
     ) -> None:
         """``latency``: None, ``"fixed:<ms>"`` (each direction) or ``"ftdi16"`` (FTDI latency
         timer). ``flash_bin`` preloads a raw flash image (e.g. an earlier flash_dump()).
         ``spm_time_us`` is the flash page erase/write time (datasheet 3.7–4.5 ms; 0 = instant).
+        ``spi_bin`` preloads the SPI flash of a config that has one; ``semicolon_defect``
+        starts with the early Einsy 32U2's extra 0xFF after every ';' from the host.
         """
         if config not in CONFIGS:
             raise ValueError(f"unknown board config {config!r}; known: {', '.join(CONFIGS)}")
@@ -434,10 +536,15 @@ class SimBoard:
         self.latency = latency
         self.flash_bin = flash_bin
         self.spm_time_us = spm_time_us
+        self.spi_bin = spi_bin
+        self.semicolon_defect = semicolon_defect
+        if (spi_bin is not None) and not self.cfg.spi_flash:
+            raise ValueError(f"board config {config!r} has no SPI flash")
         self._dir = Path(tempfile.mkdtemp(prefix=f"simboard-{config}-"))
         self.port = str(port_link or self._dir / "tty")
         self.log_path = log_path or self._dir / "simboard.log"
         self._dump = self._dir / "flash.bin"
+        self._spi_dump = self._dir / "spiflash.bin"
         self._proc: Optional[subprocess.Popen[str]] = None
         self._lines: List[str] = []
         self._cond = threading.Condition()
@@ -472,6 +579,15 @@ class SimBoard:
             cmd += ["--load-bin", str(self.flash_bin)]
         if not self.auto_reset:
             cmd.append("--no-auto-reset")
+        if self.cfg.spi_flash:
+            cmd += ["--spi-flash", self.cfg.spi_flash, "--spi-dump", str(self._spi_dump)]
+            if self.spi_bin:
+                cmd += ["--spi-load", str(self.spi_bin)]
+        if self.cfg.bootrst:
+            cmd.append("--bootrst")
+        if self.semicolon_defect:
+            cmd.append("--semicolon-defect")
+        cmd.append("--control")
         return cmd
 
     def start(self, timeout: float = 10) -> None:
@@ -479,6 +595,7 @@ class SimBoard:
         self._log = open(self.log_path, "a", buffering=1)
         self._proc = subprocess.Popen(
             self.command_line(),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._log,
             text=True,
@@ -509,6 +626,7 @@ class SimBoard:
             self._log = None
         # the log stays (it is what explains a failure); the flash dump can be large
         self._dump.unlink(missing_ok=True)
+        self._spi_dump.unlink(missing_ok=True)
         if self.log_path.parent != self._dir:
             shutil.rmtree(self._dir, ignore_errors=True)
 
@@ -598,6 +716,45 @@ class SimBoard:
         mark = self._signal(signal.SIGUSR1)
         self._wait_event(lambda line: line.startswith("DUMPED"), 10, after=mark)
         return self._dump.read_bytes()
+
+    def spi_flash_dump(self) -> bytes:
+        """The whole SPI flash (the Einsy's W25X20CL, 256 KiB) as the chip holds it now."""
+        if not self.cfg.spi_flash:
+            raise ValueError(f"board config {self.config!r} has no SPI flash")
+        self.flash_dump()  # SIGUSR1 writes the SPI flash first, then the AVR's flash
+        return self._spi_dump.read_bytes()
+
+    def control(self, command: str) -> None:
+        """One line to simboard's control input: "drop N", "semicolon on|off", "spistats"."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None or proc.stdin is None:
+            raise RuntimeError("simboard is not running")
+        proc.stdin.write(command + "\n")
+        proc.stdin.flush()
+
+    def drop_host_byte(self, nth: int) -> None:
+        """Lose the ``nth`` byte the host sends from now on (fault injection)."""
+        mark = self.mark()
+        self.control(f"drop {nth}")
+        self.wait_for("CONTROL drop", 5, after=mark)
+
+    def set_semicolon_defect(self, on: bool) -> None:
+        """Switch the early Einsy 32U2's ';' defect (extra 0xFF after every 0x3B) on or off."""
+        mark = self.mark()
+        self.control(f"semicolon {'on' if on else 'off'}")
+        self.wait_for("CONTROL semicolon", 5, after=mark)
+
+    def spi_stats(self) -> Dict[str, int]:
+        """Counters of the SPI flash model: programs, erase4k/32k/64k, chip_erase, stale
+        (a program that needed a 1 bit where the chip held 0), ignored_busy."""
+        mark = self.mark()
+        self.control("spistats")
+        line = self.wait_for("SPISTATS ", 5, after=mark)
+        return {k: int(v) for k, v in (f.split("=") for f in line.split()[1:])}
+
+    def faults(self) -> List[str]:
+        """Faults the board injected ("host byte 0x.. lost")."""
+        return [line[6:] for line in self.events() if line.startswith("FAULT ")]
 
     def reset(self) -> None:
         """External reset (as the reset button or a DTR pulse would give)."""

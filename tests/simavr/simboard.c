@@ -22,8 +22,15 @@
  *  - optional USB-serial latency: fixed per direction, or the FTDI latency timer (device->host
  *    bytes are held until 62 accumulate or 16 ms have passed since the last flush).
  *
- * Control: SIGUSR1 dumps the flash to --dump (prints "DUMPED <path>"), SIGUSR2 is an external
- * reset, SIGTERM exits cleanly. stdout carries one event per line: READY, RESET, WARN, LAG, ...
+ *  - optional W25X20CL SPI flash on the SPI pins with /CS on a port pin (spiflash.c), the
+ *    Einsy RAMBo's language flash; optional faults of the host link: the early Einsy 32U2
+ *    firmware's extra 0xFF after every ';' (0x3B) from the host, and one lost host byte.
+ *
+ * Control: SIGUSR1 dumps the flash to --dump (and the SPI flash to --spi-dump first; prints
+ * "DUMPED <path>"), SIGUSR2 is an external reset, SIGTERM exits cleanly. With --control,
+ * stdin takes one command a line: "drop N" (lose the Nth byte the host sends from now on),
+ * "semicolon on|off" (the 32U2 defect), "spistats" (prints "SPISTATS ..."). stdout carries
+ * one event per line: READY, RESET, WARN, LAG, FAULT, ...
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -47,6 +54,8 @@
 #include <simavr/sim_cycle_timers.h>
 #include <simavr/sim_io.h>
 #include <simavr/sim_irq.h>
+
+#include "spiflash.h"
 
 /* the fifo accessors are static inlines that only avr_uart.c instantiates */
 DEFINE_FIFO(uint16_t, uart_fifo);
@@ -115,6 +124,13 @@ static struct {
 	avr_cycle_count_t tx_line_free;
 
 	uint8_t *erased; /* per SPM page: erased since its last write */
+	int spi_flash;       /* a W25X20CL is attached */
+	const char *spi_dump_path;
+	int semicolon_defect; /* host 0x3B arrives followed by an extra 0xFF (early Einsy 32U2) */
+	long drop_in;         /* lose the host byte when this count reaches 0 (-1: off) */
+	int control;          /* commands on stdin */
+	int bootrst;          /* every reset starts the bootloader (BOOTRST fuse) */
+	int in_reset;         /* a power-on or external reset is under way */
 	unsigned long overruns, rx_lost_rxen, host_drops;
 	int stopped_logged;
 } B;
@@ -529,6 +545,10 @@ static void reset_hook(avr_t *avr)
 {
 	if (B.reset_orig)
 		B.reset_orig(avr);
+	if (B.spi_flash)
+		spiflash_mcu_reset();
+	if (!B.in_reset)
+		event("RESET watchdog"); /* neither power-on nor /RESET (simavr sets WDRF itself) */
 	B.rx_armed = 0;
 	if (B.uart)
 		rx_arm();
@@ -537,7 +557,9 @@ static void reset_hook(avr_t *avr)
 static void external_reset(const char *why)
 {
 	avr_t *avr = B.avr;
+	B.in_reset = 1;
 	avr_reset(avr);
+	B.in_reset = 0;
 	avr->pc = B.boot_start;
 	if (avr->reset_flags.extrf.reg)
 		avr_regbit_set(avr, avr->reset_flags.extrf);
@@ -640,6 +662,8 @@ static int load_bin(const char *path)
 static void dump_flash(void)
 {
 	char tmp[4200];
+	if (B.spi_flash && B.spi_dump_path && spiflash_dump(B.spi_dump_path) < 0)
+		event("WARN SPI flash dump to %s failed: %s", B.spi_dump_path, strerror(errno));
 	if (!B.dump_path) {
 		event("WARN flash dump requested but no --dump path was given");
 		return;
@@ -687,6 +711,67 @@ static int open_pty(void)
 	return 0;
 }
 
+/* ---------------------------------------------------------------- control (stdin) */
+
+static void control_command(char *line)
+{
+	long n;
+	char arg[16];
+	if (sscanf(line, "drop %ld", &n) == 1 && n >= 1) {
+		B.drop_in = n;
+		event("CONTROL drop armed: host byte %ld from now is lost", n);
+	} else if (sscanf(line, "semicolon %15s", arg) == 1) {
+		B.semicolon_defect = !strcmp(arg, "on");
+		event("CONTROL semicolon defect %s", B.semicolon_defect ? "on" : "off");
+	} else if (!strncmp(line, "spistats", 8) && B.spi_flash) {
+		char buf[256];
+		spiflash_stats(buf, sizeof buf);
+		event("SPISTATS %s", buf);
+	} else {
+		event("WARN unknown control command: %s", line);
+	}
+}
+
+static void control_poll(void)
+{
+	static char line[256];
+	static size_t len;
+	struct pollfd pfd = {.fd = 0, .events = POLLIN};
+	while (poll(&pfd, 1, 0) > 0) {
+		if (!(pfd.revents & POLLIN)) {
+			B.control = 0; /* stdin closed: nobody controls us any more */
+			return;
+		}
+		char c;
+		if (read(0, &c, 1) != 1) {
+			B.control = 0;
+			return;
+		}
+		if (c == '\n') {
+			line[len] = 0;
+			control_command(line);
+			len = 0;
+		} else if (len < sizeof line - 1) {
+			line[len++] = c;
+		}
+	}
+}
+
+/* Host bytes onto the receive queue, through the USB-serial chip's faults. */
+static void host_bytes(const uint8_t *buf, ssize_t n, avr_cycle_count_t ready)
+{
+	for (ssize_t i = 0; i < n; i++) {
+		if (B.drop_in > 0 && --B.drop_in == 0) {
+			B.drop_in = -1;
+			event("FAULT host byte 0x%02x lost", buf[i]);
+			continue;
+		}
+		q_push(&B.rxq, buf[i], ready);
+		if (buf[i] == 0x3b && B.semicolon_defect)
+			q_push(&B.rxq, 0xff, ready);
+	}
+}
+
 /* ---------------------------------------------------------------- main */
 
 static void usage(void)
@@ -695,12 +780,16 @@ static void usage(void)
 	        "usage: simboard --mcu atmega328p|atmega1284p|atmega2560 --boot HEX --boot-start ADDR\n"
 	        "                [--app HEX] [--load-bin FILE] [--port-link PATH] [--dump FILE]\n"
 	        "                [--no-auto-reset] [--latency none|fixed:<ms>|ftdi16]\n"
-	        "                [--nrww ADDR] [--spm-us US] [--freq HZ]\n");
+	        "                [--nrww ADDR] [--spm-us US] [--freq HZ] [--bootrst]\n"
+	        "                [--spi-flash PORTPIN (e.g. C5)] [--spi-load FILE] [--spi-dump FILE]\n"
+	        "                [--semicolon-defect] [--control]\n");
 }
 
 int main(int argc, char **argv)
 {
 	const char *mcu = NULL, *boot = NULL, *app = NULL, *bin = NULL, *latency = "none";
+	const char *spi_flash = NULL, *spi_load = NULL;
+	B.drop_in = -1;
 	long freq = 16000000, spm_us = 4000;
 	long boot_start = -1, nrww = -1;
 	B.auto_reset = 1;
@@ -720,6 +809,12 @@ int main(int argc, char **argv)
 		else if (OPT("--spm-us")) spm_us = strtol(v, NULL, 0);
 		else if (OPT("--freq")) freq = strtol(v, NULL, 0);
 		else if (!strcmp(a, "--no-auto-reset")) B.auto_reset = 0;
+		else if (OPT("--spi-flash")) spi_flash = v;
+		else if (OPT("--spi-load")) spi_load = v;
+		else if (OPT("--spi-dump")) B.spi_dump_path = v;
+		else if (!strcmp(a, "--bootrst")) B.bootrst = 1;
+		else if (!strcmp(a, "--semicolon-defect")) B.semicolon_defect = 1;
+		else if (!strcmp(a, "--control")) B.control = 1;
 		else {
 			usage();
 			return 2;
@@ -792,6 +887,22 @@ int main(int argc, char **argv)
 	B.flash->io.ioctl = flash_ioctl;
 	B.erased = calloc((avr->flashend + 1) / B.flash->spm_pagesize + 1, 1);
 	init_erased_map();
+	if (spi_flash) {
+		if (strlen(spi_flash) != 2 || spi_flash[1] < '0' || spi_flash[1] > '7' ||
+		    spiflash_attach(avr, spi_flash[0], spi_flash[1] - '0', event) < 0) {
+			fprintf(stderr, "simboard: bad --spi-flash %s (want a port pin like C5)\n",
+			        spi_flash);
+			return 2;
+		}
+		B.spi_flash = 1;
+		if (spi_load && spiflash_load(spi_load) < 0) {
+			fprintf(stderr, "simboard: cannot read %s: %s\n", spi_load, strerror(errno));
+			return 1;
+		}
+	}
+	/* BOOTRST fuse: every reset (watchdog included) starts the bootloader, as on silicon */
+	if (B.bootrst)
+		avr->reset_pc = B.boot_start;
 	B.reset_orig = avr->reset;
 	avr->reset = reset_hook;
 	avr->sleep = no_sleep; /* throttling is done centrally in the main loop */
@@ -809,7 +920,9 @@ int main(int argc, char **argv)
 	signal(SIGPIPE, SIG_IGN);
 
 	/* power-on reset: MCUSR = PORF, BOOTRST fuse programmed */
+	B.in_reset = 1;
 	avr_reset(avr);
+	B.in_reset = 0;
 	avr->pc = B.boot_start;
 	avr->data[MCUSR_ADDR] = 0x01;
 	event("READY port=%s pty=%s mcu=%s boot=0x%05lx flash=%u page=%u", B.port_link ? B.port_link
@@ -827,6 +940,8 @@ int main(int argc, char **argv)
 			sig_dump = 0;
 			dump_flash();
 		}
+		if (B.control)
+			control_poll();
 		if (sig_reset) {
 			sig_reset = 0;
 			q_clear(&B.rxq);
@@ -853,14 +968,14 @@ int main(int argc, char **argv)
 		was_hup = hup;
 		if (!hup && (pfd.revents & POLLIN)) {
 			uint8_t buf[1024];
-			int room = QSIZE - 1 - q_len(&B.rxq);
+			/* half the room: the ';' defect may double every byte */
+			int room = (QSIZE - 1 - q_len(&B.rxq)) / 2;
 			if (room > (int)sizeof buf)
 				room = sizeof buf;
 			ssize_t n = room > 0 ? read(B.master, buf, (size_t)room) : 0;
 			avr_cycle_count_t ready = avr->cycle +
 			                          (B.lat_mode == LAT_FIXED ? B.lat_cycles : 0);
-			for (ssize_t i = 0; i < n; i++)
-				q_push(&B.rxq, buf[i], ready);
+			host_bytes(buf, n, ready);
 			rx_arm();
 		}
 
