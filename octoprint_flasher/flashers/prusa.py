@@ -446,12 +446,20 @@ class PrusaFlasher(Stk500v2Flasher):
 
     def _recover(self, x: Xflash, first: FlashResult) -> Xflash:
         """End a stuck handler session: bytes that are never 0x20 make it reject the end of
-        whatever command it is in and reboot (no page is programmed), then enter again."""
+        whatever command it is in and reboot (no page is programmed), then enter again.
+
+        The handler reboots on the second such byte (16 ms watchdog) and prints ``start`` while
+        the rest may still be arriving, which spoils the next handshake: when it does, reset
+        the board by reopening the port (DTR) and enter once more from a clean start."""
         self.log("Prusa: restarting the language handler")
+        x.wire.write(b"\x00" * 300)
         try:
-            x.wire.write(b"\x00" * 300)
-        except ConnectError:
-            raise
+            return self._enter_handler(first)
+        except LanguagePassError:
+            if not self.link.can_reopen:
+                raise
+        self.log("Prusa: the handler did not come back cleanly; resetting the board")
+        self.link.reopen()
         return self._enter_handler(first)
 
     def _pass2(

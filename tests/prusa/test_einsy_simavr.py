@@ -158,14 +158,6 @@ def test_a_lost_byte_in_pass_1_is_recovered(einsy: Factory) -> None:
     assert board.spi_flash_dump()[: len(langs)] == langs
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flasher bug found by this test bed: PrusaFlasher._recover sends 300 zeros (25.5 ms "
-    "at 117,647 baud); the handler reboots on the 2nd one, and with the real watchdog "
-    "(16 ms) the firmware flushes its input and prints 'start' while zeros still arrive, so "
-    "they break the handshake and the retry ends in 'did not confirm'. The Python emulator "
-    "hid it (60 ms reboot, clears its input afterwards).",
-)
 def test_a_lost_byte_in_pass_2_is_recovered(einsy: Factory) -> None:
     fw = firmware("LOST2")
     langs, image = multilang(fw, ("cs", "de", "fr"))
