@@ -7,7 +7,8 @@ Run through ``scripts/demo.sh`` (which installs everything first). It
    online checks, the pty ``/tmp/ttyFLASHER0`` as an extra port, autoconnect to it) with an
    ``admin`` user whose fresh password it prints,
 3. starts the simulated printer — an ATmega1284P running real optiboot and the test firmware
-   "Demo-1" on the pty; OctoPrint's connect resets it as DTR would,
+   "Demo-1" on the pty; OctoPrint's connect resets it as DTR would; and a second printer, a
+   Creality-style 32-bit board running Marlin with an SD card (``/tmp/ttyFLASHER1``),
 4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device and
    an emulated Katapult CAN node,
 5. writes sample firmware files to ``demo-data/samples/``,
@@ -108,6 +109,12 @@ SAMPLES = (
      "rebooted"),
     ("klipper-stm32g0b1-katapult.bin", "katapult", True,
      "Klipper for the STM32G0B1 behind Katapult (linked at 0x08002000, CAN 1 Mbit/s)"),
+    ("marlin-ender3-atmega1284p.hex", "creality", False,
+     "Marlin for the original Ender-3 (8-bit ATmega1284P, a .hex): refused from the file, the "
+     "32-bit board is not disconnected or touched"),
+    ("firmware-ender3v2-marlin-2.1.2.8.bin", "creality", True,
+     "Marlin 2.1.2.8 for the Ender-3 V2's 32-bit board: uploaded to its SD card over the serial "
+     "link, the board resets, flashes it and answers M115 with the new build"),
     ("wrong-chip-atmega2560.hex", "printer", False,
      "built for the ATmega2560 and bigger than the 1284P's flash: refused"),
     ("printer-demo2-atmega1284p.hex", "printer", True,
@@ -117,6 +124,7 @@ BOARDS = {
     "dfu": "the STM32F446 in DFU mode (device 'STM32 ROM bootloader (USB DFU): STM32F446')",
     "katapult": "the Katapult CAN node (device 'CAN node ... (Klipper) on flasher-demo')",
     "printer": "the printer's port",
+    "creality": "the 32-bit printer's port (/tmp/ttyFLASHER1)",
 }
 
 
@@ -147,6 +155,7 @@ def make_samples(folder: Path) -> dict[str, Path]:
         ),
         "klipper-stm32g0b1-katapult.bin": klipper_firmware.make_klipper_bin(),
         "wrong-canboot.bin": klipper_firmware.make_katapult_bin(),
+        **creality_samples(),
     }
     samples: dict[str, Path] = {}
     for name, board, _right, what in SAMPLES:
@@ -159,6 +168,60 @@ def make_samples(folder: Path) -> dict[str, Path]:
             shutil.copy(build_test_firmware("atmega2560", "Wrong-Chip", size=136 * 1024), path)
         samples[f"{BOARDS[board]}: {what}"] = path
     return samples
+
+
+#: the 32-bit printer: what it runs when the demo starts, and what its sample firmware.bin is
+CREALITY_OLD = "Marlin 2.1.2.7 (Dec  6 2026 05:42:29)"
+CREALITY_NEW = "Marlin 2.1.2.8 (Jan 20 2027 10:15:00)"
+CREALITY_MACHINE = "Ender-3 V2"
+
+
+def creality_samples() -> dict[str, bytes]:
+    """The 32-bit printer's files: a Marlin firmware.bin for its board (64 KiB linked above
+    the 28 KiB SD bootloader, FIRMWARE_NAME 2.1.2.8) and the .hex of the 8-bit Ender-3."""
+    from tests.emulators.marlin_printer import make_marlin_bin
+    from tests.emulators.simboard import build_test_firmware
+
+    right = make_marlin_bin(
+        CREALITY_NEW, size=64 * 1024, base=0x08007000, seed=28, machine=CREALITY_MACHINE
+    )
+    wrong = build_test_firmware("atmega1284p", "Ender3-Melzi").read_bytes()
+    return {
+        "firmware-ender3v2-marlin-2.1.2.8.bin": right,
+        "marlin-ender3-atmega1284p.hex": wrong,
+    }
+
+
+def start_creality_printer(link: Path, time_scale: float = 1.0) -> Any:
+    """A Creality 4.2.x-style board (STM32F103, CH340 USB-UART: the port stays through a
+    reset) running Marlin 2.1.2.7 with BINARY_FILE_TRANSFER and M997, an SD card and
+    Creality's bootloader (flashes a .bin with a name it has not flashed before), on its own
+    pty behind ``link``. The emulator runs in this process, in real time at ``time_scale`` 1."""
+    import tempfile
+
+    from tests.emulators.marlin_printer import MarlinPrinter
+
+    printer = MarlinPrinter(
+        family="creality",
+        firmware_name=CREALITY_OLD,
+        machine=CREALITY_MACHINE,
+        transport="uart",
+        time_scale=time_scale,
+        port_dir=tempfile.mkdtemp(prefix="creality-"),
+    ).start()
+    tmp = link.with_name(link.name + ".new")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    os.symlink(printer.port, tmp)
+    os.replace(tmp, link)
+    return printer
+
+
+def stop_creality_printer(printer: Any, link: Path) -> None:
+    printer.stop()
+    if os.path.islink(link) and os.readlink(link) == printer.port:
+        link.unlink()
+    shutil.rmtree(os.path.dirname(printer.port), ignore_errors=True)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -232,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     lock = acquire_realtime_lock()
     board: Any = None
+    creality: Any = None
+    creality_link = args.port_link.parent / "ttyFLASHER1"
     server: Optional[subprocess.Popen[bytes]] = None
     stopping = False
 
@@ -248,6 +313,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             port_link=args.port_link,
         )
         board.start()
+        print(f"== starting the 32-bit Marlin printer on {creality_link}", flush=True)
+        creality = start_creality_printer(creality_link)
         clear_stale_startup_flag(basedir)
         env = dict(os.environ, FLASHER_REPO=str(REPO), PYTHONUNBUFFERED="1")
         url = f"http://{args.host}:{args.port}"
@@ -288,6 +355,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 server.wait()
         if board is not None:
             board.stop()
+        if creality is not None:
+            stop_creality_printer(creality, creality_link)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
 
@@ -301,6 +370,10 @@ def print_banner(
     print(f"OctoPrint with the Firmware Updater is running: {url}")
     print(f"  user: admin    password: {password}")
     print(f"  simulated printer: ATmega1284P + optiboot on {port_link} (firmware 'Demo-1')")
+    print(
+        f"  second printer: Ender-3 V2-style 32-bit board, Marlin + SD card on "
+        f"{port_link.parent / 'ttyFLASHER1'}"
+    )
     print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo'")
     print(f"Sample firmware files are in {folder}. Try them board by board in")
     print("Settings (wrench) -> Firmware Updater: pick the Device, choose the file, press")
@@ -312,11 +385,17 @@ def print_banner(
         print(f"  {step}. Device: {label}")
         if board == "printer":
             print("     (type atmega1284p in 'Chip' so the page can refuse the wrong chip)")
+        if board == "creality":
+            print("     (first connect OctoPrint to it: Connection panel, port")
+            print(f"      {port_link.parent / 'ttyFLASHER1'}, 115200, Connect; its M115 tells the")
+            print("      page it takes a firmware.bin over the serial link)")
         for name, where, right, what in SAMPLES:
             if where == board:
                 print(f"     {'then' if right else 'first'}: {name}\n         {what}")
     print("The printer stays connected while the DFU board and the CAN node are flashed.")
     print("After its flash the DFU board runs Klipper; restart the demo to flash it again.")
+    print("The 32-bit printer is disconnected for its flash and reconnected once its new")
+    print("firmware answers; the same file again ends 'not confirmed' (same build reported).")
     print(f"OctoPrint log: {basedir / 'logs' / 'octoprint.log'}")
     print("Press Ctrl-C to stop.")
     print("=" * width, flush=True)

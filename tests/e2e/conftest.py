@@ -552,6 +552,48 @@ def demo_samples(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {path.name: path for path in paths}
 
 
+# -- the second printer: a 32-bit Marlin board that updates from its SD card (issue 11) --------
+
+CREALITY_LINK_NAME = PORT_GLOB_NAME + "1"
+
+
+def load_run_demo() -> Any:
+    """demo/run_demo.py as a module (the demo is a script, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("run_demo", REPO / "demo" / "run_demo.py")
+    assert spec is not None and spec.loader is not None
+    run_demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_demo)
+    return run_demo
+
+
+@pytest.fixture(scope="module")
+def creality_printer(
+    package_realtime_lock: None,
+    octoprint_server: OctoPrintServer,
+    admin: Client,
+    printer: SimPrinter,
+) -> Iterator[Any]:
+    """The demo's Ender-3 V2-style printer (tests.emulators.marlin_printer, started by the
+    demo's own function) on <port_dir>/ttyFLASHER1, fresh for each module: Marlin 2.1.2.7
+    with BINARY_FILE_TRANSFER, M997, an empty SD card and Creality's bootloader. Afterwards
+    OctoPrint is connected to the AVR printer again, as the other e2e tests expect."""
+    run_demo = load_run_demo()
+    link = octoprint_server.port_dir / CREALITY_LINK_NAME
+    board = run_demo.start_creality_printer(link)
+    try:
+        yield board
+    finally:
+        try:
+            admin.wait_idle(timeout=180)
+            if admin.connection().get("port") != printer.port:
+                admin.connect_printer(printer.port, printer.baud)
+                admin.wait_printer_state("Operational", timeout=60)
+        finally:
+            run_demo.stop_creality_printer(board, link)
+
+
 _FILE_ORDER = (
     "test_http_flow.py",
     "test_security.py",

@@ -99,6 +99,7 @@ def test_demo_samples_flash_where_they_belong_and_each_board_has_a_refused_one(
         "dfu": {"method": "auto", "usb": "0483:df11", "usb_path": "1-2", "mcu": "STM32F446"},
         "katapult": {"method": "auto", "uuid": "0e2f3a4b5c6d", "can_channel": "flasher-demo"},
         "printer": {"method": "stk500v1", "port": "/tmp/ttyFLASHER0", "mcu": "atmega1284p"},
+        "creality": {"method": "marlin-sd", "port": "/tmp/ttyFLASHER1"},
     }
     written_at = {
         "klipper-stm32f446-dfu.bin": 0x08000000,

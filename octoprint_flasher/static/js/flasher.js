@@ -6,7 +6,7 @@
 $(function () {
     "use strict";
     var F = window.FlasherFormat;
-    var METHODS = ["auto", "stk500v1", "stk500v2", "dfu", "katapult"];
+    var METHODS = ["auto", "stk500v1", "stk500v2", "dfu", "katapult", "marlin-sd"];
     var LOG_LIMIT = 1000;
 
     function FlasherViewModel(parameters) {
@@ -189,6 +189,8 @@ $(function () {
         self.resultClass = ko.pureComputed(function () {
             var r = self.result();
             if (!r) return "";
+            // written but not confirmed is neither success nor failure: a warning
+            if (r.state === "unconfirmed") return "flasher-unconfirmed alert";
             return r.ok ? "flasher-success alert alert-success" : "flasher-failure alert alert-error";
         });
         self.preflightClass = ko.pureComputed(function () {
@@ -505,12 +507,24 @@ $(function () {
             if (state === "untouched") return gettext("No board was touched.");
             return "";
         };
+        // how a success was established: read back, or only the firmware's own report
+        self.verifiedText = function (verifiedBy) {
+            if (verifiedBy === "read-back") return gettext("Verified by reading the flash back.");
+            if (verifiedBy === "firmware-report")
+                return gettext(
+                    "Confirmed by the firmware's own report; the flash cannot be read back over this path."
+                );
+            return ""; // not-confirmed: the message itself says so, with the reason
+        };
         self.applyResult = function (r) {
             var error = r.error || {};
-            var ok = r.result === "success" || r.ok === true;
+            // the job's message names its outcome "status"; GET /history names it "result"
+            var state = r.status || r.result;
+            var ok = state === "success" || r.ok === true;
             self.result({
                 ok: ok,
-                state: r.result || (ok ? "success" : "failed"),
+                state: state || (ok ? "success" : "failed"),
+                verified: self.verifiedText(r.verified_by),
                 message:
                     r.message ||
                     error.message ||
@@ -589,6 +603,7 @@ $(function () {
             return F.duration(r.duration);
         };
         self.historyResultClass = function (r) {
+            if (r.result === "unconfirmed") return "text-warning";
             return r.result === "success" ? "text-success" : "text-error";
         };
 
