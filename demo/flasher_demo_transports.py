@@ -2,13 +2,15 @@
 
 A single-file OctoPrint plugin that ``scripts/demo.sh`` copies into the demo basedir's
 ``plugins/`` folder. It answers the Firmware Updater's ``octoprint.plugin.flasher.transports``
-hook with an emulated STM32 ROM DFU device (a pyusb backend) and an emulated Katapult node on
-a python-can ``virtual`` bus, both from the project's ``tests/emulators``. The repository root
+hook with one emulated USB bus (a pyusb backend: an STM32 in ROM DFU and a BTT SKR Pico
+running Klipper, RP2040) and an emulated Katapult node on a python-can ``virtual`` bus, all
+from the project's ``tests/emulators``. The repository root
 comes from the ``FLASHER_REPO`` environment variable the demo sets. Never install this on a
 real printer: it only shows the flasher's own code paths against emulators.
 
 It also answers ``/api/plugin/flasher_demo_transports`` (admins only): ``GET`` tells what the
-emulated boards are doing (the DFU device's mode, the CAN node's mode and reboot events), so the
+emulated boards are doing (the DFU device's mode, the CAN node's mode and reboot events, the
+SKR Pico's mode, USB id, touches and flash checksum), so the
 end-to-end tests can check that a refused file left a board untouched; the command
 ``press_dfu_reset`` is the reset button of the DFU board with its BOOT0 jumper still fitted:
 the board enumerates in ROM DFU again, keeping its flash, so it can be flashed once more.
@@ -43,6 +45,7 @@ class DemoTransports(
         self._offer: Optional[dict[str, Any]] = None
         self._node: Any = None
         self._dfu: Any = None
+        self._pico: Any = None
 
     def transports(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if self._offer is None:
@@ -72,7 +75,7 @@ class DemoTransports(
         import flask
 
         self.transports()
-        return flask.jsonify(boards_state(self._dfu, self._node))
+        return flask.jsonify(self._state())
 
     def on_api_command(self, command: str, data: dict[str, Any]) -> Any:
         import flask
@@ -80,7 +83,13 @@ class DemoTransports(
         self.transports()
         if command == "press_dfu_reset" and self._dfu is not None:
             self._dfu.press_reset(boot0=True)
-        return flask.jsonify(boards_state(self._dfu, self._node))
+        return flask.jsonify(self._state())
+
+    def _state(self) -> dict[str, Any]:
+        state = boards_state(self._dfu, self._node)
+        if self._pico is not None:
+            state["rp2040"] = rp2040_state(self._pico)
+        return state
 
     def _build(self) -> dict[str, Any]:
         repo = os.environ.get("FLASHER_REPO")
@@ -90,9 +99,11 @@ class DemoTransports(
         try:
             backend = _dfu_backend()
             self._dfu = next(iter(backend.enumerate_devices()), None)
-            offer["usb_backend"] = backend
+            # the one USB transport: the DFU board and the SKR Pico on one emulated bus
+            bus, self._pico = _usb_bus(backend)
+            offer["usb_backend"] = bus
         except ImportError as exc:
-            _log.warning(f"No emulated DFU board: {exc}")
+            _log.warning(f"No emulated USB boards: {exc}")
         try:
             factory, node = _katapult_bus()
             self._node = node
@@ -138,6 +149,40 @@ def _dfu_backend() -> Any:
     scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
     device = dfu_device.EmulatedDfuDevice(dfu_device.F446, time_scale=scale)
     return dfu_device.DfuBackend([device])
+
+
+def rp2040_state(pico: Any) -> dict[str, Any]:
+    """The SKR Pico: what it runs and enumerates as, everything done to it, and its flash
+    (the used part's SHA-256, to compare with the image that was flashed)."""
+    import hashlib
+
+    with pico.lock:
+        present = pico.present  # lets a re-enumeration that is due finish first
+        flash = bytes(pico.flash).rstrip(b"\xff")
+        return {
+            "mode": pico.mode,
+            "present": present,
+            "usb_id": "{:04x}:{:04x}".format(*pico.usb_ids),
+            "usb_path": pico.usb_path,
+            "touches": pico.touches,
+            "reboots": pico.reboots,
+            "erased": len(pico.erased),
+            "bytes_programmed": pico.bytes_programmed,
+            "flash_used": len(flash),
+            "flash_sha256": hashlib.sha256(flash).hexdigest(),
+        }
+
+
+def _usb_bus(dfu_backend: Any) -> tuple[Any, Any]:
+    """The DFU board and a BTT SKR Pico running Klipper (RP2040, USB 1d50:614e) on one
+    emulated USB bus: the flasher asks Klipper to reboot into the boot ROM (1200-baud touch on
+    its serial port), flashes it over PICOBOOT and sees Klipper come back."""
+    from tests.emulators import picoboot_device
+    from tests.emulators.usb_bus import UsbBus
+
+    scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
+    pico = picoboot_device.skr_pico(time_scale=scale)
+    return UsbBus(dfu_backend, picoboot_device.PicobootBackend([pico])), pico
 
 
 def _katapult_bus() -> tuple[Any, Any]:

@@ -9,8 +9,8 @@ Run through ``scripts/demo.sh`` (which installs everything first). It
 3. starts the simulated printer — an ATmega1284P running real optiboot and the test firmware
    "Demo-1" on the pty; OctoPrint's connect resets it as DTR would; and a second printer, a
    Creality-style 32-bit board running Marlin with an SD card (``/tmp/ttyFLASHER1``),
-4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device and
-   an emulated Katapult CAN node,
+4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device, an
+   emulated Katapult CAN node and an emulated BTT SKR Pico (RP2040) running Klipper,
 5. writes sample firmware files to ``demo-data/samples/``,
 6. starts ``octoprint serve`` on http://127.0.0.1:5000 and waits until it answers.
 
@@ -109,6 +109,12 @@ SAMPLES = (
      "rebooted"),
     ("klipper-stm32g0b1-katapult.bin", "katapult", True,
      "Klipper for the STM32G0B1 behind Katapult (linked at 0x08002000, CAN 1 Mbit/s)"),
+    ("wrong-chip-klipper-rp2350.uf2", "pico", False,
+     "Klipper built for the RP2350 (Pico 2): refused from the file's UF2 family, the SKR Pico "
+     "keeps running Klipper"),
+    ("klipper-rp2040-skr-pico.uf2", "pico", True,
+     "Klipper for the RP2040: the SKR Pico reboots into its boot ROM, is flashed, read back "
+     "and runs Klipper again"),
     ("marlin-ender3-atmega1284p.hex", "creality", False,
      "Marlin for the original Ender-3 (8-bit ATmega1284P, a .hex): refused from the file, the "
      "32-bit board is not disconnected or touched"),
@@ -123,6 +129,7 @@ SAMPLES = (
 BOARDS = {
     "dfu": "the STM32F446 in DFU mode (device 'STM32 ROM bootloader (USB DFU): STM32F446')",
     "katapult": "the Katapult CAN node (device 'CAN node ... (Klipper) on flasher-demo')",
+    "pico": "the BTT SKR Pico running Klipper (device 'Klipper on an RP2040 (USB)')",
     "printer": "the printer's port",
     "creality": "the 32-bit printer's port (/tmp/ttyFLASHER1)",
 }
@@ -155,6 +162,7 @@ def make_samples(folder: Path) -> dict[str, Path]:
         ),
         "klipper-stm32g0b1-katapult.bin": klipper_firmware.make_klipper_bin(),
         "wrong-canboot.bin": klipper_firmware.make_katapult_bin(),
+        **rp2040_samples(),
         **creality_samples(),
     }
     samples: dict[str, Path] = {}
@@ -168,6 +176,23 @@ def make_samples(folder: Path) -> dict[str, Path]:
             shutil.copy(build_test_firmware("atmega2560", "Wrong-Chip", size=136 * 1024), path)
         samples[f"{BOARDS[board]}: {what}"] = path
     return samples
+
+
+def rp2040_samples() -> dict[str, bytes]:
+    """The SKR Pico's files: Klipper's out/klipper.uf2 for the RP2040 (60 KiB, larger than
+    the Klipper the emulated board starts with) and one built for the RP2350."""
+    from octoprint_flasher.image import uf2
+    from octoprint_flasher.image.model import Segment
+    from tests.emulators.picoboot_device import FLASH_BASE, klipper_like_rp2040
+
+    right = klipper_like_rp2040(60 * 1024, seed=21)
+    wrong = klipper_like_rp2040(60 * 1024, seed=22, mcu="rp2350")
+    return {
+        "klipper-rp2040-skr-pico.uf2": uf2.write_uf2([Segment(FLASH_BASE, right)]),
+        "wrong-chip-klipper-rp2350.uf2": uf2.write_uf2(
+            [Segment(FLASH_BASE, wrong)], uf2.FAMILY_RP2350_ARM_S
+        ),
+    }
 
 
 #: the 32-bit printer: what it runs when the demo starts, and what its sample firmware.bin is
@@ -374,7 +399,8 @@ def print_banner(
         f"  second printer: Ender-3 V2-style 32-bit board, Marlin + SD card on "
         f"{port_link.parent / 'ttyFLASHER1'}"
     )
-    print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo'")
+    print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo',")
+    print("                   BTT SKR Pico (RP2040) running Klipper on USB")
     print(f"Sample firmware files are in {folder}. Try them board by board in")
     print("Settings (wrench) -> Firmware Updater: pick the Device, choose the file, press")
     print("Flash. Each board's wrong file is refused before that board is touched; the right")
@@ -392,7 +418,9 @@ def print_banner(
         for name, where, right, what in SAMPLES:
             if where == board:
                 print(f"     {'then' if right else 'first'}: {name}\n         {what}")
-    print("The printer stays connected while the DFU board and the CAN node are flashed.")
+    print("The printer stays connected while the DFU board, the CAN node and the SKR Pico")
+    print("are flashed. The SKR Pico needs no button: Klipper is asked to reboot into the")
+    print("boot ROM, and runs again after the flash (flash it as often as you like).")
     print("After its flash the DFU board runs Klipper; restart the demo to flash it again.")
     print("The 32-bit printer is disconnected for its flash and reconnected once its new")
     print("firmware answers; the same file again ends 'not confirmed' (same build reported).")

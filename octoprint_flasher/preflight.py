@@ -16,6 +16,7 @@ from typing import Any, Optional
 from . import chips
 from .errors import FlashError, ImageError, PreflightError
 from .flasher import TargetInfo
+from .image import rp2040
 from .image.load import format_size
 from .image.model import FirmwareImage
 
@@ -210,7 +211,8 @@ def check(
                 hint="Disable features in the firmware configuration to make it smaller.",
             )
         )
-    _check_vector_table(image, t.flash_start, t.app_start, report, allow_bootloader_erase)
+    if rp2040.find_chip(t.chip) is None:  # an RP2040 build opens with boot2: picoboot checks it
+        _check_vector_table(image, t.flash_start, t.app_start, report, allow_bootloader_erase)
     board_chip = chips.find_chip(t.chip) if t.chip else None
     if isinstance(board_chip, chips.AvrChip):
         _check_avr_vectors(image, board_chip, "the board", report)
@@ -406,7 +408,8 @@ def check_offline(
         _check_family(image, method in AVR_METHODS, where, report)
     else:
         _check_family(image, False, "", PreflightReport(facts=report.facts))  # facts only
-    if mcu_name and chip is None:
+    if mcu_name and chip is None and rp2040.find_chip(mcu_name) is None:
+        # RP2040/RP2350 images are checked by the picoboot method's own check_image
         report.warnings.append(f"Unknown chip {mcu_name!r}: only generic checks were done.")
     if isinstance(chip, chips.AvrChip):
         _offline_avr(image, chip, report)

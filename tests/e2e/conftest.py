@@ -307,6 +307,10 @@ class Client:
 def page_target(device: dict[str, Any]) -> dict[str, Any]:
     """The target the settings page sends for a device picked in its list (flasher.js)."""
     target: dict[str, Any] = {"method": "auto"}
+    # the page takes the method discovery knows for boards no probe can tell (RP2040, ...)
+    preferred = device.get("preferred_method") or (device["kind"] != "serial" and device["method"])
+    if preferred:
+        target["method"] = preferred
     for key in ("port", "usb_path", "uuid"):
         if device.get(key):
             target[key] = device[key]

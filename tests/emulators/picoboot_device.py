@@ -805,9 +805,9 @@ class PicobootBackend(usb.backend.IBackend):
 
 
 # --- sample images ---------------------------------------------------------------------------
-def klipper_like_rp2040(size: int = 60 * 1024, seed: int = 1) -> bytes:
+def klipper_like_rp2040(size: int = 60 * 1024, seed: int = 1, mcu: str = "rp2040") -> bytes:
     """A no-bootloader RP2040 build: boot2 with its CRC, a vector table, code-like bytes and
-    a Klipper data dictionary naming the rp2040 (as Klipper's out/klipper.bin)."""
+    a Klipper data dictionary naming ``mcu`` (as Klipper's out/klipper.bin)."""
     import json
     import random
     import zlib
@@ -818,7 +818,7 @@ def klipper_like_rp2040(size: int = 60 * 1024, seed: int = 1) -> bytes:
     vectors = struct.pack("<II", 0x20042000, FLASH_BASE + 0x1F7)
     dictionary = zlib.compress(
         json.dumps(
-            {"app": "Klipper", "version": "v0.13.0-emulated", "config": {"MCU": "rp2040"}}
+            {"app": "Klipper", "version": "v0.13.0-emulated", "config": {"MCU": mcu}}
         ).encode()
     )
     body = bytes(rng.randrange(256) for _ in range(size - 256 - 8 - len(dictionary)))

@@ -62,6 +62,9 @@ def test_demo_boards_appear_in_discovery_through_the_offered_transports(
     assert {"usb-dfu", "can"} <= kinds, (found, found.warnings)
     dfu = next(d for d in found if d.kind == "usb-dfu")
     assert dfu.usb_id == "0483:df11"
+    # the SKR Pico running Klipper, on the same emulated USB bus
+    pico = next(d for d in found if d.method == "picoboot")
+    assert (pico.usb_id, pico.chip, pico.usb_path) == ("1d50:614e", "RP2040", "1-1.3")
 
 
 def test_offered_transports_reach_only_targets_without_a_serial_port(demo_plugin: Any) -> None:
@@ -74,6 +77,8 @@ def test_offered_transports_reach_only_targets_without_a_serial_port(demo_plugin
     dfu_target = target_from_json({"method": "dfu", "usb": "0483:df11"}, {}, {})
     apply_transports(dfu_target, offer)
     assert dfu_target.usb_backend is offer["usb_backend"]
+    pico_target = target_from_json({"method": "picoboot", "usb_path": "1-1.3"}, {}, offer)
+    assert pico_target.usb_backend is offer["usb_backend"]
 
 
 def test_demo_config_skips_the_wizards_and_autoconnects_to_the_pty() -> None:
@@ -99,6 +104,7 @@ def test_demo_samples_flash_where_they_belong_and_each_board_has_a_refused_one(
         "dfu": {"method": "auto", "usb": "0483:df11", "usb_path": "1-2", "mcu": "STM32F446"},
         "katapult": {"method": "auto", "uuid": "0e2f3a4b5c6d", "can_channel": "flasher-demo"},
         "printer": {"method": "stk500v1", "port": "/tmp/ttyFLASHER0", "mcu": "atmega1284p"},
+        "pico": {"method": "picoboot", "usb_path": "1-1.3", "mcu": "RP2040"},
         "creality": {"method": "marlin-sd", "port": "/tmp/ttyFLASHER1"},
     }
     written_at = {

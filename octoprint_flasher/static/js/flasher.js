@@ -6,7 +6,7 @@
 $(function () {
     "use strict";
     var F = window.FlasherFormat;
-    var METHODS = ["auto", "stk500v1", "stk500v2", "dfu", "katapult", "marlin-sd"];
+    var METHODS = ["auto", "stk500v1", "stk500v2", "dfu", "katapult", "picoboot", "marlin-sd"];
     var LOG_LIMIT = 1000;
 
     function FlasherViewModel(parameters) {

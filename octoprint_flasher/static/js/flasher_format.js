@@ -86,6 +86,14 @@
         return device.printer ? label + " \u2190 " + (printerWord || "printer") : label;
     }
 
+    /* a UF2 family id as the UF2 spec writes it (0xe48bff56), or "none" */
+    function uf2Family(family) {
+        if (family === null || family === undefined || isNaN(family)) return "none";
+        var h = (Number(family) >>> 0).toString(16);
+        while (h.length < 8) h = "0" + h;
+        return "0x" + h;
+    }
+
     function timeText(value) {
         if (!value) return "";
         var d = typeof value === "number" ? new Date(value * 1000) : new Date(value);
@@ -111,6 +119,7 @@
         extension: extension,
         checkFile: checkFile,
         deviceLabel: deviceLabel,
+        uf2Family: uf2Family,
         timeText: timeText
     };
 });
