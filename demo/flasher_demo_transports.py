@@ -3,8 +3,9 @@
 A single-file OctoPrint plugin that ``scripts/demo.sh`` copies into the demo basedir's
 ``plugins/`` folder. It answers the Firmware Updater's ``octoprint.plugin.flasher.transports``
 hook with one emulated USB bus (a pyusb backend: an STM32 in ROM DFU and a BTT SKR Pico
-running Klipper, RP2040) and an emulated Katapult node on a python-can ``virtual`` bus, all
-from the project's ``tests/emulators``. The repository root
+running Klipper, RP2040) and an emulated Katapult node on a python-can ``virtual`` bus, and
+a Prusa MMU3 on emulated USB serial (offered as ``list_ports``), all from the project's
+``tests/emulators``. The repository root
 comes from the ``FLASHER_REPO`` environment variable the demo sets. Never install this on a
 real printer: it only shows the flasher's own code paths against emulators.
 
@@ -46,6 +47,7 @@ class DemoTransports(
         self._node: Any = None
         self._dfu: Any = None
         self._pico: Any = None
+        self._mmu: Any = None
 
     def transports(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
         if self._offer is None:
@@ -60,6 +62,8 @@ class DemoTransports(
         stop = getattr(self._node, "stop", None)
         if callable(stop):
             stop()
+        if self._mmu is not None:
+            self._mmu.close()
 
     # -- the boards' state, for the end-to-end tests and the curious -------------------------------
     def is_api_protected(self) -> bool:
@@ -89,6 +93,8 @@ class DemoTransports(
         state = boards_state(self._dfu, self._node)
         if self._pico is not None:
             state["rp2040"] = rp2040_state(self._pico)
+        if self._mmu is not None:
+            state["mmu"] = mmu_state(self._mmu)
         return state
 
     def _build(self) -> dict[str, Any]:
@@ -110,6 +116,10 @@ class DemoTransports(
             offer.update(can_bus_factory=factory, can_interface="virtual", can_channel=CAN_CHANNEL)
         except ImportError as exc:
             _log.warning(f"No emulated Katapult node: {exc}")
+        try:
+            self._mmu, offer["list_ports"] = _mmu_usb()
+        except ImportError as exc:
+            _log.warning(f"No emulated Prusa MMU: {exc}")
         return offer
 
 
@@ -196,6 +206,44 @@ def _katapult_bus() -> tuple[Any, Any]:
     board.install_app(make_klipper_bin())
     board.start()
     return katapult_node.virtual_bus_factory(CAN_CHANNEL), board
+
+
+def _mmu_usb() -> tuple[Any, Any]:
+    """A Prusa MMU3 control board (ATmega32U4, Prusa's Caterina) running its firmware, on USB
+    2c99:0004 at location 1-1.4 (tests/emulators/caterina_board.py). Its port is a pty that
+    vanishes on the 1200-baud touch and comes back under another name as the bootloader
+    (2c99:0003); the flasher follows it with the port lister offered here (the host's real
+    serial ports plus the emulated USB ones)."""
+    from octoprint_flasher.links.bootloader_entry import list_serial_ports
+    from tests.emulators.caterina_board import CaterinaBoard
+    from tests.prusa.samples import mmu_app
+
+    scale = float(os.environ.get("FLASHER_DEMO_TIME_SCALE", "1.0"))
+    mmu = CaterinaBoard(app=mmu_app(12 * 1024, seed=6), time_scale=scale)
+
+    def list_ports() -> list[Any]:
+        return list(list_serial_ports()) + mmu.list_ports()
+
+    return mmu, list_ports
+
+
+def mmu_state(mmu: Any) -> dict[str, Any]:
+    """The MMU: what it runs and on which port, what was done to it, and its application
+    area (0x0000-0x6FFF, SHA-256) to compare with the file that was flashed."""
+    import hashlib
+
+    from tests.emulators.caterina_board import BOOT_START
+
+    with mmu._lock:
+        return {
+            "mode": mmu.mode,
+            "port": mmu.port,
+            "touches": mmu.stats.touches,
+            "enumerations": mmu.stats.enumerations,
+            "pages_written": mmu.stats.pages_written,
+            "events": list(mmu.events),
+            "app_sha256": hashlib.sha256(bytes(mmu.flash[:BOOT_START])).hexdigest(),
+        }
 
 
 __plugin_implementation__ = DemoTransports()

@@ -10,7 +10,8 @@ Run through ``scripts/demo.sh`` (which installs everything first). It
    "Demo-1" on the pty; OctoPrint's connect resets it as DTR would; and a second printer, a
    Creality-style 32-bit board running Marlin with an SD card (``/tmp/ttyFLASHER1``),
 4. drops the demo transport plugin in so the page also lists an emulated STM32 DFU device, an
-   emulated Katapult CAN node and an emulated BTT SKR Pico (RP2040) running Klipper,
+   emulated Katapult CAN node, an emulated BTT SKR Pico (RP2040) running Klipper and an
+   emulated Prusa MMU3 on USB; the demo also runs a Prusa MK3S (Einsy) on ``/tmp/ttyFLASHER2``,
 5. writes sample firmware files to ``demo-data/samples/``,
 6. starts ``octoprint serve`` on http://127.0.0.1:5000 and waits until it answers.
 
@@ -121,6 +122,18 @@ SAMPLES = (
     ("firmware-ender3v2-marlin-2.1.2.8.bin", "creality", True,
      "Marlin 2.1.2.8 for the Ender-3 V2's 32-bit board: uploaded to its SD card over the serial "
      "link, the board resets, flashes it and answers M115 with the new build"),
+    ("prusa-mk3s-languages-of-another-build.hex", "mk3s", False,
+     "a MULTILANG file whose language catalogs belong to another firmware build: refused from "
+     "the file (the printer would ask for a language again and again)"),
+    ("prusa-mk3s-multilang-demo.hex", "mk3s", True,
+     "Prusa firmware + 3 language catalogs: pass 1 writes the firmware through the bootloader, "
+     "pass 2 the languages through the new firmware into the SPI flash; both read back"),
+    ("MMU2S_MMU3_BOOTLOADER_demo.hex", "mmu", False,
+     "the MMU's ISP image (firmware + Caterina bootloader): refused by name, the MMU is not "
+     "rebooted"),
+    ("prusa-mmu3-demo.hex", "mmu", True,
+     "MMU3 firmware ('; device = mm-control'): 1200-baud touch, the bootloader is followed to "
+     "its new port, written over avr109, read back, and the MMU runs again"),
     ("wrong-chip-atmega2560.hex", "printer", False,
      "built for the ATmega2560 and bigger than the 1284P's flash: refused"),
     ("printer-demo2-atmega1284p.hex", "printer", True,
@@ -130,6 +143,8 @@ BOARDS = {
     "dfu": "the STM32F446 in DFU mode (device 'STM32 ROM bootloader (USB DFU): STM32F446')",
     "katapult": "the Katapult CAN node (device 'CAN node ... (Klipper) on flasher-demo')",
     "pico": "the BTT SKR Pico running Klipper (device 'Klipper on an RP2040 (USB)')",
+    "mk3s": "the Prusa MK3S's port (/tmp/ttyFLASHER2)",
+    "mmu": "the Prusa MMU (device 'Prusa MMU2S/MMU3 …')",
     "printer": "the printer's port",
     "creality": "the 32-bit printer's port (/tmp/ttyFLASHER1)",
 }
@@ -163,6 +178,7 @@ def make_samples(folder: Path) -> dict[str, Path]:
         "klipper-stm32g0b1-katapult.bin": klipper_firmware.make_klipper_bin(),
         "wrong-canboot.bin": klipper_firmware.make_katapult_bin(),
         **rp2040_samples(),
+        **prusa_samples(),
         **creality_samples(),
     }
     samples: dict[str, Path] = {}
@@ -249,6 +265,58 @@ def stop_creality_printer(printer: Any, link: Path) -> None:
     shutil.rmtree(os.path.dirname(printer.port), ignore_errors=True)
 
 
+#: the Prusa MK3S: its pty link next to the printer's, and the build its Einsy starts with
+PRUSA_LINK_NAME = "ttyFLASHER2"
+PRUSA_SIGNATURE = 0x1F2E3D4C  # the language signature of the sample's firmware build
+
+
+def prusa_samples() -> dict[str, bytes]:
+    """The MK3S's and the MMU's files in Prusa's real layouts (``tests/prusa/samples.py``),
+    small so both passes take seconds: 24 KiB of firmware with three 4 KB catalogs of its
+    build (and the same with another build's catalogs), the MMU3's 16 KiB ``; device =
+    mm-control`` file and its ISP image (firmware padded to 0x7000 + a bootloader)."""
+    from tests.prusa import samples
+
+    firmware = samples.firmware(24 * 1024, signature=PRUSA_SIGNATURE, seed=31)
+    codes = ("cs", "de", "fr")
+    mmu = samples.mmu_app(16 * 1024, seed=7)
+    isp = samples.mmu_app(0x7000, seed=7) + bytes(range(256)) * 16
+    return {
+        "prusa-mk3s-multilang-demo.hex": samples.multilang(
+            firmware, samples.languages(codes, 4000, PRUSA_SIGNATURE)
+        ),
+        "prusa-mk3s-languages-of-another-build.hex": samples.multilang(
+            firmware, samples.languages(codes, 4000, 0x5A5A0001)
+        ),
+        "prusa-mmu3-demo.hex": samples.device_file("mm-control", mmu),
+        "MMU2S_MMU3_BOOTLOADER_demo.hex": samples.device_file("mm-control", isp),
+    }
+
+
+def start_prusa_printer(link: Path, time_scale: float = 1.0) -> Any:
+    """A Prusa MK3S's Einsy RAMBo (``tests/emulators/prusa_einsy.py``: Prusa's stk500v2
+    bootloader, the W25X20CL language flash, a firmware model that answers OctoPrint and
+    serves the language pass) running an older 20 KiB build, on its own pty behind ``link``.
+    Opening the port resets it, as the Einsy's DTR does; it runs in this process."""
+    from tests.emulators.prusa_einsy import PrusaEinsy
+    from tests.prusa import samples
+
+    old = samples.firmware(20 * 1024, signature=0x0BADC0DE, seed=30)
+    board = PrusaEinsy(semicolon_defect=False, timing=True, time_scale=time_scale, app=old)
+    tmp = link.with_name(link.name + ".new")
+    if os.path.lexists(tmp):
+        tmp.unlink()
+    os.symlink(board.port, tmp)
+    os.replace(tmp, link)
+    return board
+
+
+def stop_prusa_printer(board: Any, link: Path) -> None:
+    board.close()
+    if os.path.islink(link) and os.readlink(link) == board.port:
+        link.unlink()
+
+
 def check_port_free(host: str, port: int) -> None:
     """Fail early and clearly: OctoPrint would die on a busy port and start the next run in
     safe mode (without our plugin)."""
@@ -322,6 +390,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     board: Any = None
     creality: Any = None
     creality_link = args.port_link.parent / "ttyFLASHER1"
+    prusa: Any = None
+    prusa_link = args.port_link.parent / PRUSA_LINK_NAME
     server: Optional[subprocess.Popen[bytes]] = None
     stopping = False
 
@@ -340,6 +410,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         board.start()
         print(f"== starting the 32-bit Marlin printer on {creality_link}", flush=True)
         creality = start_creality_printer(creality_link)
+        print(f"== starting the Prusa MK3S (Einsy) on {prusa_link}", flush=True)
+        prusa = start_prusa_printer(prusa_link)
         clear_stale_startup_flag(basedir)
         env = dict(os.environ, FLASHER_REPO=str(REPO), PYTHONUNBUFFERED="1")
         url = f"http://{args.host}:{args.port}"
@@ -382,8 +454,17 @@ def main(argv: Optional[list[str]] = None) -> int:
             board.stop()
         if creality is not None:
             stop_creality_printer(creality, creality_link)
+        if prusa is not None:
+            stop_prusa_printer(prusa, prusa_link)
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()
+
+
+def print_prusa_boards(port_link: Path) -> None:
+    print(f"  Prusa MK3S (Einsy RAMBo, language flash) on {port_link.parent / PRUSA_LINK_NAME}")
+    print("  Prusa MMU3 (ATmega32U4, Caterina bootloader) on emulated USB 2c99:0004; after")
+    print("  its flash: reconnect the printer so the MK3S sees the MMU. After the MK3S's:")
+    print("  choose a language on the printer (a real one restarts a few times).")
 
 
 def print_banner(
@@ -401,6 +482,7 @@ def print_banner(
     )
     print("  emulated boards: STM32F446 in DFU mode, Katapult node on CAN 'flasher-demo',")
     print("                   BTT SKR Pico (RP2040) running Klipper on USB")
+    print_prusa_boards(port_link)
     print(f"Sample firmware files are in {folder}. Try them board by board in")
     print("Settings (wrench) -> Firmware Updater: pick the Device, choose the file, press")
     print("Flash. Each board's wrong file is refused before that board is touched; the right")
@@ -415,6 +497,10 @@ def print_banner(
             print("     (first connect OctoPrint to it: Connection panel, port")
             print(f"      {port_link.parent / 'ttyFLASHER1'}, 115200, Connect; its M115 tells the")
             print("      page it takes a firmware.bin over the serial link)")
+        if board == "mk3s":
+            print("     (connect OctoPrint to it first if you like: port")
+            print(f"      {port_link.parent / PRUSA_LINK_NAME}, 115200; it is then disconnected")
+            print("      for the flash and reconnected afterwards)")
         for name, where, right, what in SAMPLES:
             if where == board:
                 print(f"     {'then' if right else 'first'}: {name}\n         {what}")

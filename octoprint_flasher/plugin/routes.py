@@ -208,6 +208,10 @@ def apply_transports(target: Target, transports: dict[str, Any]) -> None:
             target.can_interface = str(transports.get("can_interface", "virtual"))
             if channel:
                 target.can_channel = str(channel)
+    lister = transports.get("list_ports")
+    if callable(lister) and target.method in ("auto", "avr109", "prusa"):
+        # a USB serial board that re-enumerates (MMU's 1200-baud touch) is followed with it
+        target.options["list_ports"] = lister
 
 
 def target_to_json(target: Target) -> dict[str, Any]:
@@ -607,6 +611,7 @@ class FlasherApi(octoprint.plugin.BlueprintPlugin):
                     transports.get("can_channel") or katapult.get("can_channel") or "can0"
                 ),
                 extra_ports=expand_port_globs(patterns),
+                port_lister=transports.get("list_ports"),
             )
         except FlashError as exc:
             return error_response(exc, status_for(exc))

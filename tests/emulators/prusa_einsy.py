@@ -19,6 +19,11 @@ Faithful to ``research/prusa.md`` §1.2, §1.3, §1.6 and §5.2:
 * W25X20CL: page program ANDs and wraps inside its 256-byte page; a 64 KB block is erased only
   when a PROG_PAGE targets an address whose low 16 bits are 0, once per block per session.
 
+After a boot without the handshake the firmware model answers what OctoPrint sends at
+connect, as Prusa-Firmware 3.x does: every G-code line gets ``ok`` (line numbers and checksums
+accepted), M115 the ``FIRMWARE_NAME`` line and capabilities, M105 temperatures, M20/M21 an
+empty SD card; bytes that broke the handshake are the start of the host's first line.
+
 Firmware faults (``firmware=``): ``prusa`` (v3.10+), ``old`` (prints ``start``, no XFLASH
 handler: before v3.3, or a GD25Q20C board under v3.10), ``junk`` (pre-3.10: stray bytes after
 the confirmation), ``silent`` (never prints ``start``: stuck at the splash screen).
@@ -37,6 +42,7 @@ BLOCK = 0x10000
 PAGE = 256
 ENTER = b"w25x20cl_enter\n"
 CONFIRM = b"w25x20cl_cfm\n"
+FIRMWARE_NAME = "Prusa-Firmware 3.14.1 based on Marlin"
 
 
 class W25X20CL:
@@ -85,9 +91,13 @@ class PrusaEinsy(Stk500Board):
         timing: bool = False,
         erase_time: float = 0.15,
         program_time: float = 0.0008,
+        firmware_name: str = FIRMWARE_NAME,
         **kw: Any,
     ) -> None:
         self.prusa_bootloader = prusa_bootloader
+        self.firmware_name = firmware_name
+        #: G-code lines the firmware model received (after the handshake window)
+        self.gcode_lines: list[str] = []
         self.semicolon_defect = semicolon_defect
         self.firmware = firmware
         self.scale = time_scale
@@ -170,9 +180,9 @@ class PrusaEinsy(Stk500Board):
             if self.firmware == "old":
                 yield from self._marlin()
                 return
-            entered = yield from self._handshake()
+            entered, early = yield from self._handshake()
             if not entered:
-                yield from self._marlin()
+                yield from self._marlin(early)
                 return
             yield self._put(CONFIRM)
             if self.firmware == "junk":
@@ -185,7 +195,8 @@ class PrusaEinsy(Stk500Board):
             self.events.append("watchdog reboot")
             yield ("busy", 0.06 * self.scale)
 
-    def _handshake(self) -> Generator[Op, Any, bool]:
+    def _handshake(self) -> Generator[Op, Any, tuple[bool, bytes]]:
+        """(entered, the bytes that broke it: the start of the host's first line)."""
         got = bytearray()
         window = 1.75 * self.scale
         while len(got) < len(ENTER):
@@ -193,20 +204,55 @@ class PrusaEinsy(Stk500Board):
                 b = yield ("get", window)
             except _Idle:
                 self.events.append("no handshake: normal boot")
-                return False
+                return False, b""
             got.append(b)
             if got != ENTER[: len(got)]:
                 self.events.append(f"handshake broken by {bytes(got)!r}: normal boot")
-                return False
-        return True
+                return False, bytes(got)
+        return True, b""
 
-    def _marlin(self) -> Program:
+    def _marlin(self, early: bytes = b"") -> Program:
+        """The running firmware: a G-code line in, its answer out."""
         self.state = "marlin"
+        line = bytearray(early)
         while True:
             try:
-                yield ("get", 3600.0)
+                b = yield ("get", 3600.0)
             except _Idle:
-                pass
+                continue
+            if b not in (0x0A, 0x0D):
+                if len(line) < 96:  # Marlin's MAX_CMD_SIZE: longer lines are cut
+                    line.append(b)
+                continue
+            text = line.decode("ascii", "replace").strip()
+            line.clear()
+            if text:
+                yield self._put(self._gcode(text).encode())
+
+    def _gcode(self, text: str) -> str:
+        """Prusa-Firmware's answer to one line (``N<n> … *<checksum>`` taken as sent)."""
+        self.gcode_lines.append(text)
+        if text.startswith("N") and " " in text:
+            text = text.split(" ", 1)[1]
+        text = text.split("*", 1)[0].strip()
+        word = text.split(" ", 1)[0].upper()
+        if word == "M115":
+            return (
+                f"FIRMWARE_NAME:{self.firmware_name} SOURCE_CODE_URL:https://github.com/"
+                "prusa3d/Prusa-Firmware PROTOCOL_VERSION:1.0 MACHINE_TYPE:Prusa i3 MK3S "
+                "EXTRUDER_COUNT:1 UUID:00000000-0000-0000-0000-000000000000\n"
+                "Cap:AUTOREPORT_TEMP:1\nCap:AUTOREPORT_FANS:1\nCap:AUTOREPORT_POSITION:1\n"
+                "Cap:EXTENDED_M20:1\nok\n"
+            )
+        if word == "M105":
+            return "ok T:21.3 /0.0 B:21.1 /0.0 T0:21.3 /0.0 @:0 B@:0 P:0.0 A:26.4\n"
+        if word == "M21":
+            return "echo:SD card ok\nok\n"
+        if word == "M20":
+            return "Begin file list\nEnd file list\nok\n"
+        if word and word[0] in "GMT" and word[1:].isdigit():
+            return "ok\n"
+        return f'echo:Unknown command: "{text}"\nok\n'
 
     def _xflash(self) -> Generator[Op, Any, bool]:
         """The in-firmware STK500v1 handler; returns True when it reboots (LEAVE, bad EOP)."""
@@ -269,7 +315,11 @@ class PrusaEinsy(Stk500Board):
                         data = bytes(buf)
                         if memtype == ord("E"):
                             self.events.append("PROG_PAGE type E: MCU hangs")
-                            yield from self._marlin()
+                            while True:  # the watchdog is off: nothing answers again
+                                try:
+                                    yield ("get", 3600.0)
+                                except _Idle:
+                                    pass
                         if not (yield from eop()):
                             return True
                         if answer:

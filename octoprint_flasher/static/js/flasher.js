@@ -181,7 +181,12 @@ $(function () {
             if (state === "done" || state === "failed" || state === "cancelled") {
                 return self.stageLabel(state);
             }
-            return self.stageLabel(self.stage() || state);
+            var label = self.stageLabel(self.stage() || state);
+            var image = self.image();
+            var pass = F.phase(self.stage(), !!(image && image.external && image.external.length));
+            if (pass === "firmware") return gettext("1/2 firmware") + " \u00b7 " + label;
+            if (pass === "languages") return gettext("2/2 languages") + " \u00b7 " + label;
+            return label;
         });
         self.logText = ko.pureComputed(function () {
             return self.logLines().join("\n");
@@ -190,7 +195,7 @@ $(function () {
             var r = self.result();
             if (!r) return "";
             // written but not confirmed is neither success nor failure: a warning
-            if (r.state === "unconfirmed") return "flasher-unconfirmed alert";
+            if (r.state === "unconfirmed" || r.partial) return "flasher-unconfirmed alert";
             return r.ok ? "flasher-success alert alert-success" : "flasher-failure alert alert-error";
         });
         self.preflightClass = ko.pureComputed(function () {
@@ -521,13 +526,16 @@ $(function () {
             // the job's message names its outcome "status"; GET /history names it "result"
             var state = r.status || r.result;
             var ok = state === "success" || r.ok === true;
+            var outcome = F.outcome(r);
             self.result({
                 ok: ok,
                 state: state || (ok ? "success" : "failed"),
                 verified: self.verifiedText(r.verified_by),
+                // the firmware pass of two succeeded: the printer runs, without the languages
+                partial: outcome.partial,
+                next: outcome.next,
                 message:
-                    r.message ||
-                    error.message ||
+                    outcome.message ||
                     (ok ? gettext("Firmware flashed and verified.") : gettext("The flash failed.")),
                 cause: r.cause || error.cause || "",
                 // the job adds where the board stays to both the message and the hint

@@ -94,6 +94,29 @@
         return "0x" + h;
     }
 
+    /* which pass of a two-pass flash a stage belongs to (Prusa MULTILANG: the firmware
+       through the bootloader, then the languages through the new firmware): "" when the
+       flash has one pass */
+    function phase(stage, twoPasses) {
+        if (/_languages$/.test(stage || "")) return "languages";
+        var firmware = ["entering_bootloader", "erasing", "writing", "verifying"];
+        return twoPasses && firmware.indexOf(stage) >= 0 ? "firmware" : "";
+    }
+
+    /* a job result as the page shows it: the outcome, the step the flasher asks of the user
+       after a success (its leave() sentence: choose a language on the printer, reconnect the
+       printer so it sees the MMU) on a line of its own, and whether only the firmware pass of
+       two succeeded (a Prusa language pass that failed: the printer runs, in English) */
+    function outcome(r) {
+        var error = r.error || {};
+        var state = r.status || r.result;
+        var ok = state === "success" || r.ok === true;
+        var message = r.message || error.message || "";
+        var next = ok && r.board_message ? r.board_message : "";
+        if (next && message.indexOf(next) >= 0) message = message.replace(next, "").trim();
+        return {ok: ok, partial: !ok && error.kind === "languages", message: message, next: next};
+    }
+
     function timeText(value) {
         if (!value) return "";
         var d = typeof value === "number" ? new Date(value * 1000) : new Date(value);
@@ -119,6 +142,8 @@
         extension: extension,
         checkFile: checkFile,
         deviceLabel: deviceLabel,
+        phase: phase,
+        outcome: outcome,
         uf2Family: uf2Family,
         timeText: timeText
     };
