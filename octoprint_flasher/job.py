@@ -471,9 +471,16 @@ class FlashJob:
 
         if error is None and fr is not None and fr.verified_by == NOT_CONFIRMED:
             status = RESULT_UNCONFIRMED
-            message = "Firmware written, but NOT confirmed. " + fr.confirmation
+            why = _without_prefix(fr.confirmation, "Not confirmed:")
+            message = "Firmware written, but NOT confirmed" + (f": {why}" if why else ".")
         elif error is None and fr is not None and fr.verified_by == VERIFIED_FIRMWARE_REPORT:
-            status, message = RESULT_SUCCESS, "Firmware updated: " + fr.confirmation
+            status = RESULT_SUCCESS
+            what = _without_prefix(fr.confirmation, "Confirmed:").split("; the flash cannot")[0]
+            message = (
+                "Firmware updated, confirmed by the firmware's own report"
+                + (f" ({what.rstrip('.')})" if what else "")
+                + "; the flash cannot be read back over this path."
+            )
         elif error is None:
             status, message = RESULT_SUCCESS, "Firmware written and verified by reading it back."
             if ctx.came_back:
@@ -647,6 +654,11 @@ class _Run:
 
 def _empty_progress() -> dict[str, Any]:
     return {"stage": "", "done": 0, "total": 0, "percent": 0.0, "rate": 0.0, "eta": None}
+
+
+def _without_prefix(text: str, prefix: str) -> str:
+    text = text.strip()
+    return text[len(prefix) :].strip() if text.startswith(prefix) else text
 
 
 def _printing_error() -> BusyError:

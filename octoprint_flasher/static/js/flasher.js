@@ -514,7 +514,8 @@ $(function () {
         };
         // how a success was established: read back, or only the firmware's own report
         self.verifiedText = function (verifiedBy) {
-            if (verifiedBy === "read-back") return gettext("Verified by reading the flash back.");
+            // a read-back verify is in the job's message already ("verified by reading it back")
+            if (verifiedBy === "read-back") return "";
             if (verifiedBy === "firmware-report")
                 return gettext(
                     "Confirmed by the firmware's own report; the flash cannot be read back over this path."
