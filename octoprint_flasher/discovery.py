@@ -261,4 +261,36 @@ def discover(
                 continue
             if found:
                 _apply_probe(dev, found)
+            else:
+                _probe_marlin(dev, warnings)
     return DeviceList(devices, warnings)
+
+
+#: bauds 32-bit Marlin printers run their USB serial at, most common first
+MARLIN_BAUDS = (115200, 250000)
+
+
+def _probe_marlin(dev: Device, warnings: list[str]) -> None:
+    """No AVR bootloader answered: ask for M115, as a running Marlin answers. A printer that
+    reports BINARY_FILE_TRANSFER can take a firmware.bin over this port (method marlin-sd)."""
+    try:
+        prober = _provider("marlin_sd", "probe")
+    except Exception as exc:
+        warnings.append(f"Marlin probing is unavailable: {exc}")
+        return
+    if prober is None or not dev.port:
+        return
+    for baud in MARLIN_BAUDS:
+        try:
+            report = prober(dev.port, baud)
+        except Exception as exc:
+            warnings.append(f"{dev.port}: M115 probe failed: {type(exc).__name__}: {exc}")
+            return
+        if report is None:
+            continue
+        dev.details["firmware"] = report.firmware_name
+        dev.details["baud"] = baud
+        if report.cap("BINARY_FILE_TRANSFER"):
+            dev.method = "marlin-sd"
+            dev.description = f"{report.firmware_name} (firmware.bin over this port)"
+        return

@@ -847,8 +847,11 @@ def probe(port: str, baud: int = 115200, timeout: float = 2.0) -> Optional[bft.M
         return None
     try:
         session = bft.BftSession(Wire(ser, port), gcode_timeout=timeout)
-        report = bft.parse_m115(session.command("M115"))
-        return report if report.firmware_name else None
+        for _ in range(2):  # bytes an earlier probe left in the line buffer spoil the first
+            report = bft.parse_m115(session.command("M115"))
+            if report.firmware_name:
+                return report
+        return None
     except FlashError:
         return None
     finally:

@@ -289,3 +289,23 @@ def test_mounted_card_without_a_port_is_copied_and_reported_as_not_confirmed(
     assert written.read_bytes() == data and written.name.startswith("FW")
     assert len(prompts) == 1 and run.flasher.verified_by == "not-confirmed"
     assert "without the printer's serial port" in run.flasher.confirmation
+
+
+def test_discovery_probing_names_a_free_marlin_port_for_the_sd_upload(
+    make_printer: MakePrinter,
+) -> None:
+    """No AVR bootloader answers on a 32-bit Marlin board; its M115 does, with
+    BINARY_FILE_TRANSFER, so the probe offers marlin-sd for that port."""
+    from octoprint_flasher import discovery
+
+    printer = make_printer()
+
+    class Port:
+        device = printer.port
+        vid = pid = None
+        description = "pty"
+
+    devs = discovery.discover(probe=True, port_lister=lambda: [Port()])
+    (dev,) = [d for d in devs if d.port == printer.port]
+    assert dev.method == "marlin-sd", devs.warnings
+    assert dev.details["firmware"].startswith("Marlin") and dev.details["baud"] == printer.baud

@@ -90,7 +90,8 @@ $(function () {
                 t.port = manual;
             } else if (dev) {
                 // discovery knows the method of boards no probe can tell (RP2040 boot ROM, ...)
-                var preferred = dev.preferred_method || (dev.kind !== "serial" && dev.method);
+                // "auto" for a port nothing was learnt about; a probe or OctoPrint's M115 names it
+                var preferred = dev.preferred_method || dev.method;
                 if (t.method === "auto" && preferred) t.method = preferred;
                 if (dev.port) t.port = dev.port;
                 if (dev.usb_path) t.usb_path = dev.usb_path;
