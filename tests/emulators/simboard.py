@@ -691,9 +691,12 @@ class SimBoard:
         """Board-level warnings, e.g. "page 0x01000 written without erase (...)"."""
         return [line[5:] for line in self.events() if line.startswith("WARN ")]
 
-    def resets(self) -> List[str]:
-        """Why the chip was reset each time: "open" (port opened) or "signal" (reset())."""
-        return [line[6:] for line in self.events() if line.startswith("RESET ")]
+    def resets(self, watchdog: bool = False) -> List[str]:
+        """Why the chip was reset each time: "open" (port opened) or "signal" (reset()); with
+        ``watchdog``, also the chip's own watchdog resets (optiboot starts the application
+        through one, the Einsy firmware reboots through one)."""
+        reasons = [line[6:] for line in self.events() if line.startswith("RESET ")]
+        return reasons if watchdog else [r for r in reasons if r != "watchdog"]
 
     def log_text(self) -> str:
         try:
