@@ -139,7 +139,7 @@ def test_sync_wrap_resend_is_taken_as_received(make_printer: MakePrinter) -> Non
 def test_compressed_upload_writes_the_same_file_in_fewer_packets(
     make_printer: MakePrinter,
 ) -> None:
-    pytest.importorskip("heatshrink2")  # the optional 'heatshrink' extra
+    import heatshrink2  # noqa: F401  the optional 'heatshrink' extra, installed for the tests
     printer = make_printer()
     data = image(16 * 1024)
     run = flash(printer, data, compress=True)
