@@ -7,6 +7,7 @@ DfuSe ``.dfu`` live beside it in :mod:`octoprint_flasher.image`; this module onl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional, Sequence
@@ -109,29 +110,19 @@ class FirmwareImage:
 
     def padded(self, size: int, fill: int = 0xFF, base: int = 0) -> FirmwareImage:
         """A copy whose segments are whole ``size``-aligned blocks."""
-        segs = [Segment(a, d) for a, d in self.blocks(size, fill, base)]
-        return FirmwareImage(
-            segs,
-            self.filename,
-            self.kind,
-            self.sha256,
-            list(self.notes),
-            self.address_given,
-            list(self.external),
-            dict(self.extra),
-        )
+        return self._with_segments([Segment(a, d) for a, d in self.blocks(size, fill, base)])
 
     def relocated(self, offset: int) -> FirmwareImage:
-        segs = [Segment(s.address + offset, s.data) for s in self.segments]
-        return FirmwareImage(
-            segs,
-            self.filename,
-            self.kind,
-            self.sha256,
-            list(self.notes),
-            self.address_given,
-            list(self.external),
-            dict(self.extra),
+        return self._with_segments([Segment(s.address + offset, s.data) for s in self.segments])
+
+    def _with_segments(self, segments: list[Segment]) -> FirmwareImage:
+        """A copy with other segments; its notes, languages and extras are its own."""
+        return dataclasses.replace(
+            self,
+            segments=segments,
+            notes=list(self.notes),
+            external=list(self.external),
+            extra=dict(self.extra),
         )
 
     def placed_at(self, address: int) -> FirmwareImage:
