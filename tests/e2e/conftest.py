@@ -598,6 +598,34 @@ def creality_printer(
             run_demo.stop_creality_printer(board, link)
 
 
+@pytest.fixture(scope="module")
+def mk3s(
+    package_realtime_lock: None,
+    octoprint_server: OctoPrintServer,
+    admin: Client,
+    printer: SimPrinter,
+) -> Iterator[tuple[Any, str]]:
+    """The demo's Prusa MK3S (tests.emulators.prusa_einsy, started by the demo's own function)
+    on its pty link <port_dir>/ttyFLASHER2, fresh for each module, with the board's port.
+    Afterwards OctoPrint is connected to the AVR printer again, as the other e2e tests expect."""
+    run_demo = load_run_demo()
+    link = octoprint_server.port_dir / run_demo.PRUSA_LINK_NAME
+    board = run_demo.start_prusa_printer(link)
+    try:
+        yield board, str(link)
+    finally:
+        try:
+            admin.wait_idle(timeout=180)
+            if admin.connection().get("port") != printer.port:
+                if admin.connection()["state"] != "Closed":
+                    admin.disconnect_printer()
+                    admin.wait_printer_state("Closed", timeout=30)
+                admin.connect_printer(printer.port, printer.baud)
+                admin.wait_printer_state("Operational", timeout=60)
+        finally:
+            run_demo.stop_prusa_printer(board, link)
+
+
 _FILE_ORDER = (
     "test_http_flow.py",
     "test_security.py",

@@ -15,7 +15,6 @@ its application again.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +23,8 @@ import pytest
 from octoprint_flasher.image.load import load
 from tests.e2e.conftest import (
     Client,
-    OctoPrintServer,
     SimPrinter,
     SocketCollector,
-    load_run_demo,
     page_target,
     poll,
 )
@@ -45,27 +42,6 @@ MK3S_WRONG = "prusa-mk3s-languages-of-another-build.hex"
 MMU_RIGHT = "prusa-mmu3-demo.hex"
 MMU_WRONG = "MMU2S_MMU3_BOOTLOADER_demo.hex"
 MMU_APP_AREA = 0x7000  # below Caterina
-
-
-@pytest.fixture(scope="module")
-def mk3s(
-    package_realtime_lock: None,
-    octoprint_server: OctoPrintServer,
-    admin: Client,
-    printer: SimPrinter,
-) -> Iterator[tuple[Any, str]]:
-    """The demo's MK3S on its pty link; afterwards OctoPrint is connected to the AVR printer
-    again, as the other e2e tests expect."""
-    run_demo = load_run_demo()
-    link = octoprint_server.port_dir / run_demo.PRUSA_LINK_NAME
-    board = run_demo.start_prusa_printer(link)
-    try:
-        yield board, str(link)
-    finally:
-        try:
-            connect_to(admin, printer.port)
-        finally:
-            run_demo.stop_prusa_printer(board, link)
 
 
 def serial_device(admin: Client, where: Any) -> dict[str, Any]:
