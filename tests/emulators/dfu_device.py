@@ -23,10 +23,13 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterator, Optional
+from typing import Callable, Optional
 
-import usb.backend
 import usb.core
+
+from tests.emulators.usb_backend import Descriptor as _Desc
+from tests.emulators.usb_backend import EmulatedBackend
+from tests.emulators.usb_backend import usb_error as _usb_error
 
 # --- USB full-speed timing model -------------------------------------------------------------
 FRAME_S = 0.001  # full-speed frames are 1 ms
@@ -212,20 +215,6 @@ class Faults:
     leave_error: Optional[int] = None  # errno raised by the leave DNLOAD instead of dfuMANIFEST
     weak_bit_at: Optional[int] = None  # a flash cell that reads back with bit 0 flipped
     lost_ack_at: Optional[int] = None  # the data DNLOAD for this address arrives, its ACK is lost
-
-
-class _Desc:
-    """A descriptor as pyusb's backend contract wants it: plain attributes."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
-
-    def __getattr__(self, name: str) -> Any:  # only reached for missing fields
-        raise AttributeError(name)
-
-
-def _usb_error(text: str, code: int, err: int) -> usb.core.USBError:
-    return usb.core.USBError(text, code, err)
 
 
 class _Gone(Exception):
@@ -732,83 +721,17 @@ class EmulatedDfuDevice:
         return "hung"
 
 
-class DfuBackend(usb.backend.IBackend):
+class DfuBackend(EmulatedBackend[EmulatedDfuDevice]):
     """pyusb backend holding emulated devices; pass it as ``usb.core.find(backend=...)``."""
-
-    def __init__(self, devices: Optional[list[EmulatedDfuDevice]] = None) -> None:
-        self.devices = list(devices or [])
 
     def add(self, device: EmulatedDfuDevice) -> EmulatedDfuDevice:
         self.devices.append(device)
         return device
 
-    def enumerate_devices(self) -> Iterator[EmulatedDfuDevice]:
-        return iter([d for d in self.devices if d.present])
-
-    def get_device_descriptor(self, dev: EmulatedDfuDevice) -> _Desc:
-        return dev.device_descriptor()
-
-    def get_configuration_descriptor(self, dev: EmulatedDfuDevice, config: int) -> _Desc:
-        if config != 0:
-            raise IndexError("no such configuration")
-        return dev.config_descriptor()
-
-    def get_interface_descriptor(
-        self, dev: EmulatedDfuDevice, intf: int, alt: int, config: int
-    ) -> _Desc:
-        return dev.interface_descriptor(intf, alt)
-
-    def open_device(self, dev: EmulatedDfuDevice) -> EmulatedDfuDevice:
-        if not dev.present:
-            raise _usb_error("No such device (it may have been disconnected)", -4, errno.ENODEV)
-        if dev.faults.access_denied:
-            raise _usb_error("Access denied (insufficient permissions)", -3, errno.EACCES)
-        return dev
-
-    def close_device(self, dev_handle: EmulatedDfuDevice) -> None:
-        return None
-
-    def set_configuration(self, dev_handle: EmulatedDfuDevice, config_value: int) -> None:
-        return None
-
-    def get_configuration(self, dev_handle: EmulatedDfuDevice) -> int:
-        return 1
-
     def set_interface_altsetting(
         self, dev_handle: EmulatedDfuDevice, intf: int, altsetting: int
     ) -> None:
         dev_handle.set_alt(altsetting)
-
-    def claim_interface(self, dev_handle: EmulatedDfuDevice, intf: int) -> None:
-        if dev_handle.faults.busy:
-            raise _usb_error("Resource busy", -6, errno.EBUSY)
-
-    def release_interface(self, dev_handle: EmulatedDfuDevice, intf: int) -> None:
-        return None
-
-    def ctrl_transfer(
-        self,
-        dev_handle: EmulatedDfuDevice,
-        bmRequestType: int,
-        bRequest: int,
-        wValue: int,
-        wIndex: int,
-        data: array,
-        timeout: int,
-    ) -> int:
-        return dev_handle.control(bmRequestType, bRequest, wValue, wIndex, data, timeout)
-
-    def reset_device(self, dev_handle: EmulatedDfuDevice) -> None:
-        return None
-
-    def is_kernel_driver_active(self, dev_handle: EmulatedDfuDevice, intf: int) -> bool:
-        return False
-
-    def detach_kernel_driver(self, dev_handle: EmulatedDfuDevice, intf: int) -> None:
-        return None
-
-    def get_parent(self, dev: EmulatedDfuDevice) -> None:
-        return None
 
 
 def make_backend(

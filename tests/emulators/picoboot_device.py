@@ -33,12 +33,15 @@ import threading
 import time
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-import usb.backend
 import usb.core
 
 from octoprint_flasher.links.bootloader_entry import UsbPort
+from tests.emulators.usb_backend import Descriptor as _Desc
+from tests.emulators.usb_backend import EmulatedBackend
+from tests.emulators.usb_backend import gone as _gone
+from tests.emulators.usb_backend import pipe as _pipe
 
 FRAME_S = 0.001
 PACKET = 64
@@ -116,23 +119,6 @@ class Faults:
     busy: bool = False  # another program holds the interface: claim fails with EBUSY
     weak_bit_at: Optional[int] = None  # a flash cell that reads back with bit 0 flipped
     no_app_after_reboot: bool = False  # the board does not come back after REBOOT
-
-
-class _Desc:
-    def __init__(self, **fields: Any) -> None:
-        self.__dict__.update(fields)
-
-
-def _err(text: str, code: int, err: int) -> usb.core.USBError:
-    return usb.core.USBError(text, code, err)
-
-
-def _gone() -> usb.core.USBError:
-    return _err("No such device (it may have been disconnected)", -4, errno.ENODEV)
-
-
-def _pipe() -> usb.core.USBError:
-    return _err("Pipe error", -9, errno.EPIPE)
 
 
 class FakeSerial:
@@ -702,11 +688,8 @@ class EmulatedRp2040:
             return True
 
 
-class PicobootBackend(usb.backend.IBackend):
+class PicobootBackend(EmulatedBackend[EmulatedRp2040]):
     """pyusb backend holding emulated boards; pass it as ``usb.core.find(backend=...)``."""
-
-    def __init__(self, devices: Optional[list[EmulatedRp2040]] = None) -> None:
-        self.devices = list(devices or [])
 
     def list_serial_ports(self) -> list[UsbPort]:
         """The serial side of the same boards (the flasher uses it when given this backend)."""
@@ -718,53 +701,14 @@ class PicobootBackend(usb.backend.IBackend):
                 return d.open_serial(port, baudrate, **kwargs)
         raise OSError(errno.ENOENT, f"could not open port {port}: No such file or directory")
 
-    def enumerate_devices(self) -> Iterator[EmulatedRp2040]:
-        return iter([d for d in self.devices if d.present])
-
-    def get_device_descriptor(self, dev: EmulatedRp2040) -> _Desc:
-        return dev.device_descriptor()
-
-    def get_configuration_descriptor(self, dev: EmulatedRp2040, config: int) -> _Desc:
-        if config != 0:
-            raise IndexError("no such configuration")
-        return dev.config_descriptor()
-
-    def get_interface_descriptor(
-        self, dev: EmulatedRp2040, intf: int, alt: int, config: int
-    ) -> _Desc:
-        return dev.interface_descriptor(intf, alt)
-
     def get_endpoint_descriptor(
         self, dev: EmulatedRp2040, ep: int, intf: int, alt: int, config: int
     ) -> _Desc:
         return dev.endpoint_descriptor(ep, intf)
 
-    def open_device(self, dev: EmulatedRp2040) -> EmulatedRp2040:
-        if not dev.present:
-            raise _gone()
-        if dev.faults.access_denied:
-            raise _err("Access denied (insufficient permissions)", -3, errno.EACCES)
-        return dev
-
-    def close_device(self, dev_handle: EmulatedRp2040) -> None:
-        return None
-
-    def set_configuration(self, dev_handle: EmulatedRp2040, config_value: int) -> None:
-        return None
-
-    def get_configuration(self, dev_handle: EmulatedRp2040) -> int:
-        return 1
-
     def set_interface_altsetting(self, dev_handle: EmulatedRp2040, intf: int, alt: int) -> None:
         if alt != 0:
             raise _pipe()
-
-    def claim_interface(self, dev_handle: EmulatedRp2040, intf: int) -> None:
-        if dev_handle.faults.busy:
-            raise _err("Resource busy", -6, errno.EBUSY)
-
-    def release_interface(self, dev_handle: EmulatedRp2040, intf: int) -> None:
-        return None
 
     def bulk_write(
         self, dev_handle: EmulatedRp2040, ep: int, intf: int, data: array, timeout: int
@@ -776,32 +720,8 @@ class PicobootBackend(usb.backend.IBackend):
     ) -> int:
         return dev_handle.bulk_read(ep, buff, timeout)
 
-    def ctrl_transfer(
-        self,
-        dev_handle: EmulatedRp2040,
-        bmRequestType: int,
-        bRequest: int,
-        wValue: int,
-        wIndex: int,
-        data: array,
-        timeout: int,
-    ) -> int:
-        return dev_handle.control(bmRequestType, bRequest, wValue, wIndex, data, timeout)
-
     def clear_halt(self, dev_handle: EmulatedRp2040, ep: int) -> None:
         return None  # the ROM's stall is cleared by INTERFACE_RESET, not by CLEAR_FEATURE
-
-    def reset_device(self, dev_handle: EmulatedRp2040) -> None:
-        return None
-
-    def is_kernel_driver_active(self, dev_handle: EmulatedRp2040, intf: int) -> bool:
-        return False
-
-    def detach_kernel_driver(self, dev_handle: EmulatedRp2040, intf: int) -> None:
-        return None
-
-    def get_parent(self, dev: EmulatedRp2040) -> None:
-        return None
 
 
 # --- sample images ---------------------------------------------------------------------------
