@@ -140,6 +140,7 @@ def test_compressed_upload_writes_the_same_file_in_fewer_packets(
     make_printer: MakePrinter,
 ) -> None:
     import heatshrink2  # noqa: F401  the optional 'heatshrink' extra, installed for the tests
+
     printer = make_printer()
     data = image(16 * 1024)
     run = flash(printer, data, compress=True)
