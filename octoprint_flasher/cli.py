@@ -440,6 +440,9 @@ def _report_result(result: JobResult, as_json: bool, out: TextIO, err: TextIO) -
         return EXIT_OK if result.ok else exit_code_for(result.error)
     for w in result.warnings:
         print(f"warning: {w}", file=err)
+    if result.ok and result.verified_by == "firmware-report":  # nothing could be read back
+        print(f"{result.message} {result.confirmation} ({result.duration:.1f} s)", file=out)
+        return EXIT_OK
     if result.ok:
         skipped = f", {result.blocks_skipped} blocks unchanged" if result.blocks_skipped else ""
         print(

@@ -544,7 +544,10 @@ $(function () {
                 hint: (r.hint || error.hint || "").replace(r.board_message || "\u0000", "").trim(),
                 warnings: r.warnings || [],
                 board: self.boardStateText(r.board_state),
-                confirmation: r.confirmation || "",
+                // the evidence alone: the verified line already says how it was confirmed
+                confirmation: (r.confirmation || "")
+                    .replace(/^Confirmed:\s*/, "")
+                    .replace(/;\s*the flash cannot be read back over this path\.?$/, ""),
                 details: r
             });
             if (ok) self.percent(100);
