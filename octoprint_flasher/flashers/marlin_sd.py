@@ -449,20 +449,14 @@ class MarlinSdFlasher(Flasher):
             _save_state(self.target, state)
         self._reset_board(progress, expected is not None and expected.kind == "klipper")
         self._confirm(expected, old_name, naming, len(data))
-        result = FlashResult(
+        return FlashResult(
             bytes_written=len(data),
             bytes_verified=0,  # nothing was read back
             blocks_written=packets,
             seconds=time.monotonic() - t0,
+            verified_by=self.verified_by,
+            confirmation=self.confirmation,
         )
-        fields = {f.name for f in dataclasses.fields(FlashResult)}
-        if "verified_by" in fields:  # issue 10's FlashResult; older ones lack the fields
-            extra: dict[str, Any] = {
-                "verified_by": self.verified_by,
-                "confirmation": self.confirmation,
-            }
-            result = dataclasses.replace(result, **extra)
-        return result
 
     def _printer_key(self) -> str:
         uuid = self.report.fields.get("UUID", "")

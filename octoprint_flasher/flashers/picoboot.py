@@ -20,7 +20,6 @@ from typing import Any, Callable, Optional
 
 from ..discovery import Device
 from ..errors import (
-    BusyError,
     ConnectError,
     FlashError,
     PreflightError,
@@ -59,12 +58,7 @@ REBOOT_DELAY_MS = 100
 ERASE_TIMEOUT_MS = 2000  # W25Q16JV sector erase: 45 ms typical, 400 ms maximum
 
 UDEV_RULE = 'SUBSYSTEM=="usb", ATTRS{idVendor}=="2e8a", MODE="0660", GROUP="plugdev"'
-UDEV_STEPS = (
-    f"Create /etc/udev/rules.d/60-rp2040-picoboot.rules containing:\n  {UDEV_RULE}\n"
-    "add the OctoPrint user to that group (sudo usermod -aG plugdev pi — use the account "
-    "OctoPrint runs as, then restart OctoPrint), and reload the rules: "
-    "sudo udevadm control --reload-rules && sudo udevadm trigger"
-)
+UDEV_STEPS = usb_device.udev_steps("60-rp2040-picoboot.rules", UDEV_RULE)
 BOOTSEL_STEPS = (
     "Put the board into BOOTSEL mode by hand: unplug its USB cable, hold the BOOTSEL (BOOT) "
     "button, plug the cable back in and release the button (on the SKR Pico: fit the BOOT "
@@ -83,41 +77,25 @@ def _path_of_location(location: Optional[str]) -> str:
     return (location or "").split(":", 1)[0]
 
 
-def _result(**fields: Any) -> FlashResult:
-    """A FlashResult with the fields this version of it has (verified_by/confirmation arrive
-    with the issue-10 contract)."""
-    names = {f.name for f in dataclasses.fields(FlashResult)}
-    return FlashResult(**{k: v for k, v in fields.items() if k in names})
+#: USB errors in PICOBOOT terms (udev rule for 2e8a, who holds the device, BOOTSEL)
+USB_ADVICE = usb_device.UsbAdvice(
+    name="The RP2040 boot ROM",
+    access_cause="The OctoPrint user may not open the RP2040 boot ROM (USB 2e8a:0003/000f): "
+    "there is no udev rule for it.",
+    udev=UDEV_STEPS,
+    busy_cause="Another program holds its PICOBOOT interface (picotool, Klipper's make "
+    "flash, a second flash from here).",
+    busy_hint="Close that program or wait for it to finish, then flash again.",
+    gone_name="The board",
+    gone_cause="It was unplugged, reset or lost power (a bad cable or a back-powered board "
+    "also does this).",
+    gone_hint="If it was writing, the firmware is incomplete: " + BOOTSEL_STEPS,
+    restart="put the board in BOOTSEL mode again",
+)
 
 
 def explain_usb_error(exc: BaseException, what: str) -> FlashError:
-    """USB failures in PICOBOOT terms (udev rule for 2e8a, who holds the device, BOOTSEL)."""
-    if isinstance(exc, FlashError):
-        return exc
-    code = getattr(exc, "errno", None)
-    text = str(exc)
-    if code == errno.EACCES or "Access denied" in text:
-        return ConnectError(
-            f"Permission denied while {what}.",
-            cause="The OctoPrint user may not open the RP2040 boot ROM (USB 2e8a:0003/000f): "
-            "there is no udev rule for it.",
-            hint=UDEV_STEPS,
-        )
-    if code == errno.EBUSY or "Resource busy" in text:
-        return BusyError(
-            f"The RP2040 boot ROM is busy ({what}).",
-            cause="Another program holds its PICOBOOT interface (picotool, Klipper's make "
-            "flash, a second flash from here).",
-            hint="Close that program or wait for it to finish, then flash again.",
-        )
-    if code in (errno.ENODEV, errno.ENOENT) or "No such device" in text:
-        return ConnectError(
-            f"The board disappeared while {what}.",
-            cause="It was unplugged, reset or lost power (a bad cable or a back-powered board "
-            "also does this).",
-            hint="If it was writing, the firmware is incomplete: " + BOOTSEL_STEPS,
-        )
-    return usb_device.explain_usb_error(exc, what)
+    return usb_device.explain_usb_error(exc, what, USB_ADVICE)
 
 
 class PicobootFlasher(Flasher):
@@ -474,7 +452,7 @@ class PicobootFlasher(Flasher):
             raise
         except Exception as exc:
             raise self._explain(exc, "flashing") from exc
-        return _result(
+        return FlashResult(
             bytes_written=written,
             bytes_verified=verified,
             blocks_written=len(runs),

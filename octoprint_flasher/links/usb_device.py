@@ -23,16 +23,51 @@ UDEV_RULE = (
     'SUBSYSTEM=="usb", ATTRS{idVendor}=="0483", ATTRS{idProduct}=="df11", '
     'MODE="0660", GROUP="plugdev"'
 )
-UDEV_STEPS = (
-    f"Create /etc/udev/rules.d/50-stm32-dfu.rules containing:\n  {UDEV_RULE}\n"
-    "add the OctoPrint user to that group (sudo usermod -aG plugdev pi — use the account "
-    "OctoPrint runs as, then restart OctoPrint), and reload the rules: "
-    "sudo udevadm control --reload-rules && sudo udevadm trigger"
-)
+
+
+def udev_steps(rules_file: str, rule: str) -> str:
+    """What to do when the OctoPrint user may not open a USB device: one rule and its group."""
+    return (
+        f"Create /etc/udev/rules.d/{rules_file} containing:\n  {rule}\n"
+        "add the OctoPrint user to that group (sudo usermod -aG plugdev pi — use the account "
+        "OctoPrint runs as, then restart OctoPrint), and reload the rules: "
+        "sudo udevadm control --reload-rules && sudo udevadm trigger"
+    )
+
+
+UDEV_STEPS = udev_steps("50-stm32-dfu.rules", UDEV_RULE)
 BOOT0_STEPS = (
     "Put the board into DFU mode with its BOOT0 jumper: power it off, fit the jumper from "
     "BOOT0 to 3.3 V, power it on (or press reset), flash, then remove the jumper and reset. "
     "Heaters may switch on while the board sits in DFU mode, so stay near the printer."
+)
+
+
+@dataclass(frozen=True)
+class UsbAdvice:
+    """How USB errors name one kind of device, and what to do about each of them."""
+
+    name: str  # "The DFU device"
+    access_cause: str
+    udev: str
+    busy_cause: str
+    busy_hint: str
+    gone_name: str
+    gone_cause: str
+    gone_hint: str
+    restart: str  # how to bring the board back into its bootloader
+
+
+DFU_ADVICE = UsbAdvice(
+    name="The DFU device",
+    access_cause="The OctoPrint user may not open the USB device 0483:df11 (no udev rule).",
+    udev=UDEV_STEPS,
+    busy_cause="Another program (dfu-util, STM32CubeProgrammer, a second flash) holds it.",
+    busy_hint="Close that program or wait for it to finish, then try again.",
+    gone_name="The DFU device",
+    gone_cause="The board was reset, unplugged or lost power.",
+    gone_hint="Reconnect it in DFU mode. " + BOOT0_STEPS,
+    restart="power-cycle the board in DFU mode",
 )
 
 # Known non-DFU identities of boards that could be put into DFU, and what to do with them.
@@ -160,43 +195,40 @@ class DfuCandidate:
         return f"{self.vid:04x}:{self.pid:04x}"
 
 
-def explain_usb_error(exc: BaseException, what: str = "opening the DFU device") -> FlashError:
-    """Turn a pyusb failure into what a user can do about it."""
+def explain_usb_error(
+    exc: BaseException, what: str = "opening the DFU device", advice: UsbAdvice = DFU_ADVICE
+) -> FlashError:
+    """Turn a pyusb failure into what a user can do about it, in ``advice``'s terms."""
     if isinstance(exc, FlashError):
         return exc
     text = str(exc)
     code = getattr(exc, "errno", None)
     if code == errno.EACCES or "no langid" in text or "Access denied" in text:
         return ConnectError(
-            f"Permission denied while {what}.",
-            cause="The OctoPrint user may not open the USB device 0483:df11 (no udev rule).",
-            hint=UDEV_STEPS,
+            f"Permission denied while {what}.", cause=advice.access_cause, hint=advice.udev
         )
     if code == errno.EBUSY or "Resource busy" in text:
         return BusyError(
-            f"The DFU device is busy ({what}).",
-            cause="Another program (dfu-util, STM32CubeProgrammer, a second flash) holds it.",
-            hint="Close that program or wait for it to finish, then try again.",
+            f"{advice.name} is busy ({what}).", cause=advice.busy_cause, hint=advice.busy_hint
         )
     if code in (errno.ENODEV, errno.ENOENT) or "No such device" in text:
         return ConnectError(
-            f"The DFU device disappeared while {what}.",
-            cause="The board was reset, unplugged or lost power.",
-            hint="Reconnect it in DFU mode. " + BOOT0_STEPS,
+            f"{advice.gone_name} disappeared while {what}.",
+            cause=advice.gone_cause,
+            hint=advice.gone_hint,
         )
     if type(exc).__name__ == "NoBackendError":
         return no_backend_error()
     if type(exc).__name__ == "USBTimeoutError" or code == errno.ETIMEDOUT:
         return ConnectError(
-            f"The DFU device stopped answering while {what}.",
+            f"{advice.name} stopped answering while {what}.",
             cause="A bad USB cable or port, or the chip is stuck.",
-            hint="Use a short data cable directly on the host, power-cycle the board in DFU "
-            "mode, and try again.",
+            hint=f"Use a short data cable directly on the host, {advice.restart}, and try again.",
         )
     return ConnectError(
         f"USB error while {what}: {text}",
         cause="The USB link is unreliable (EPIPE/EIO often mean cable or port trouble).",
-        hint="Try another cable or port, power-cycle the board in DFU mode, and try again.",
+        hint=f"Try another cable or port, {advice.restart}, and try again.",
     )
 
 
